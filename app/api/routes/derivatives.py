@@ -1,0 +1,55 @@
+"""``POST /jacobian`` and ``POST /hessian``: validate the body, hand it to the service."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Response
+
+from app.api.deps import ServiceDep
+from app.api.examples import hessian_examples, jacobian_examples
+from app.schemas import DerivativeRequest, DerivativeResponse
+
+router = APIRouter(tags=["derivatives"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "Unknown model (problem+json)."},
+    413: {"description": "Body or result over the configured limit (problem+json)."},
+    422: {"description": "Invalid input, naming the field (problem+json)."},
+}
+
+
+@router.post(
+    "/hessian",
+    response_model=DerivativeResponse,
+    responses=_ERRORS,
+    summary="Input Hessian of an output (or an objective) of a model",
+)
+async def post_hessian(
+    service: ServiceDep,
+    request: Annotated[DerivativeRequest, Body(openapi_examples=hessian_examples())],
+) -> Response:
+    """Exact Hessian of one scalar per sample with respect to the model's input.
+
+    An int `output_index` gives `[n, n]` per sample, a list of k gives `[k, n, n]`, an
+    objective gives `[n, n]`. A batch input `[B, *input_shape]` adds a leading `B`.
+    """
+    return Response(await service.run("hessian", request), media_type="application/json")
+
+
+@router.post(
+    "/jacobian",
+    response_model=DerivativeResponse,
+    responses=_ERRORS,
+    summary="Input Jacobian of a model's outputs",
+)
+async def post_jacobian(
+    service: ServiceDep,
+    request: Annotated[DerivativeRequest, Body(openapi_examples=jacobian_examples())],
+) -> Response:
+    """Exact Jacobian with respect to the model's input.
+
+    No `output_index` gives all outputs, `[m, n]` per sample; an int gives the gradient
+    `[n]`, a list of k gives `[k, n]`, an objective gives its gradient `[n]`.
+    """
+    return Response(await service.run("jacobian", request), media_type="application/json")

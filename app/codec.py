@@ -1,0 +1,116 @@
+"""Tensor objects (JSON numbers or base64) <-> ``torch.Tensor``, and response bodies.
+
+Decoding checks everything a tensor object can get wrong -- datatype, shape against the
+data length, malformed base64, NaN or Inf -- and names the field at fault. Encoding writes
+the body with orjson straight from contiguous numpy buffers: FastAPI's default encoder
+took about a second for one 784x784 Hessian as nested lists.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import sys
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+
+from app.errors import InvalidInput
+from app.schemas import TensorObject
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "UINT8": torch.uint8,
+    "INT8": torch.int8,
+    "INT16": torch.int16,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+    "FP16": torch.float16,
+    "BF16": torch.bfloat16,
+    "FP32": torch.float32,
+    "FP64": torch.float64,
+}
+DATATYPES: dict[torch.dtype, str] = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+_INTEGER_DATATYPES = {"BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64"}
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise RuntimeError("the base64 tensor encoding assumes a little-endian host")
+
+
+def _decode_base64(text: str, datatype: str, count: int, field: str) -> torch.Tensor:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInput(f"{field}: malformed base64 ({exc})", field=field) from None
+    dtype = TORCH_DTYPES[datatype]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(raw) != count * itemsize:
+        raise InvalidInput(
+            f"{field}: base64 data holds {len(raw)} bytes; shape and datatype {datatype} "
+            f"expect {count} x {itemsize} = {count * itemsize} bytes",
+            field=field,
+        )
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(bytearray(raw), dtype=dtype)
+
+
+def _decode_numbers(data: list[Any], datatype: str, count: int, field: str) -> torch.Tensor:
+    try:
+        array = np.asarray(data)
+    except (ValueError, TypeError):
+        array = np.asarray([None])  # ragged nesting: reported below as not numbers
+    if array.dtype.kind not in "biuf" and array.size:
+        raise InvalidInput(
+            f"{field}: expected numbers in a flat or regularly nested list", field=field
+        )
+    array = array.astype(np.float64)
+    if array.size != count:
+        raise InvalidInput(
+            f"{field}: holds {array.size} numbers; shape expects {count}", field=field
+        )
+    flat = array.reshape(-1)
+    if (
+        datatype in _INTEGER_DATATYPES
+        and np.isfinite(flat).all()
+        and (flat != np.round(flat)).any()
+    ):
+        raise InvalidInput(f"{field}: datatype {datatype} expects integers", field=field)
+    return torch.from_numpy(flat).to(TORCH_DTYPES[datatype])
+
+
+def decode_tensor(obj: TensorObject, field: str) -> torch.Tensor:
+    """A tensor object as a tensor of its declared shape and datatype.
+
+    ``field`` is the object's place in the request (e.g. ``inputs[0]``) for error messages.
+    """
+    count = math.prod(obj.shape)
+    data_field = f"{field}.data"
+    if isinstance(obj.data, str):
+        flat = _decode_base64(obj.data, obj.datatype, count, data_field)
+    else:
+        flat = _decode_numbers(obj.data, obj.datatype, count, data_field)
+    if flat.is_floating_point() and not bool(torch.isfinite(flat).all()):
+        raise InvalidInput(f"{data_field}: contains NaN or Inf", field=data_field)
+    return flat.reshape(obj.shape)
+
+
+def tensor_object(name: str, tensor: torch.Tensor, encoding: str) -> dict[str, Any]:
+    """A tensor as a tensor object; ``data`` stays a numpy array for orjson to write."""
+    cpu = tensor.detach().to("cpu").contiguous()
+    datatype = DATATYPES[cpu.dtype]
+    flat = cpu.reshape(-1)
+    if encoding == "base64":
+        raw = flat.view(torch.int16) if flat.dtype == torch.bfloat16 else flat  # numpy has no bf16
+        data: Any = base64.b64encode(raw.numpy().tobytes()).decode("ascii")
+    else:
+        data = (flat.float() if flat.dtype == torch.bfloat16 else flat).numpy()
+    return {"name": name, "shape": list(cpu.shape), "datatype": datatype, "data": data}
+
+
+def dumps(body: dict[str, Any]) -> bytes:
+    """Serialize a response body, numpy arrays included, with orjson."""
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -1,0 +1,35 @@
+"""Service settings, read from the environment with the ``HESSIAN_`` prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+MiB = 1 << 20
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set; every limit is checked before work starts."""
+
+    model_config = SettingsConfigDict(env_prefix="HESSIAN_", extra="ignore")
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where models run: auto picks CUDA when it is available."
+    )
+    models_dir: Path = Field(BUNDLED_MODELS_DIR, description="Folder of model folders.")
+    max_body_bytes: int = Field(64 * MiB, gt=0, description="Largest request body accepted.")
+    max_result_bytes: int = Field(
+        512 * MiB, gt=0, description="Largest result (all matrices of one request) computed."
+    )
+    memory_budget_bytes: int = Field(
+        1024 * MiB, gt=0, description="Working memory one computation may plan for."
+    )
+    max_samples_per_request: int = Field(256, gt=0, description="Largest batch in one request.")
+    max_output_indices: int = Field(64, gt=0, description="Longest output_index list.")
+    torch_threads: int | None = Field(
+        None, gt=0, description="torch intra-op threads; default: torch's own choice."
+    )

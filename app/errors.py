@@ -1,0 +1,82 @@
+"""One error taxonomy and ONE table mapping it to HTTP statuses.
+
+Every failure the service reports is a ``ServiceError`` subclass; the handler in
+``app.main`` turns it into an RFC 9457 ``application/problem+json`` body. Bad input is
+always one of these (4xx), never a 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+
+class ServiceError(Exception):
+    """Base of every error the service reports to clients.
+
+    ``field`` names the request field at fault (e.g. ``inputs[0].shape``), when there is one.
+    """
+
+    title = "Service error"
+
+    def __init__(self, detail: str, *, field: str | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.field = field
+        self.extra = extra
+
+
+class NotFound(ServiceError):
+    title = "Not found"
+
+
+class InvalidInput(ServiceError):
+    title = "Invalid input"
+
+
+class TooLarge(ServiceError):
+    title = "Too large"
+
+
+class Overloaded(ServiceError):
+    title = "Overloaded"
+
+
+class NotReady(ServiceError):
+    title = "Not ready"
+
+
+STATUS_BY_ERROR: dict[type[ServiceError], int] = {
+    NotFound: 404,
+    InvalidInput: 422,
+    TooLarge: 413,
+    Overloaded: 503,
+    NotReady: 503,
+    ServiceError: 500,
+}
+
+
+def status_of(error: ServiceError) -> int:
+    """The HTTP status for an error: the table's entry for its nearest listed class."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 500
+
+
+def problem(status: int, title: str, detail: str, **extra: Any) -> dict[str, Any]:
+    """An RFC 9457 problem-details body."""
+    body: dict[str, Any] = {
+        "type": "about:blank",  # RFC 9457: the title says it all
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    body.update({key: value for key, value in extra.items() if value is not None})
+    return body
+
+
+def problem_of(error: ServiceError) -> dict[str, Any]:
+    """The problem-details body of a ``ServiceError``."""
+    return problem(status_of(error), error.title, error.detail, field=error.field, **error.extra)

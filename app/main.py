@@ -1,0 +1,122 @@
+"""The FastAPI application: settings -> registry -> service -> routes.
+
+``create_app(settings)`` builds one app; the lifespan loads the models; one handler turns
+every ``ServiceError`` into problem+json; the Swagger UI's assets are served from the
+package (fastapi-offline) so ``/docs`` works with no internet.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import codec
+from app.api.routes import derivatives, health, models
+from app.config import Settings
+from app.errors import PROBLEM_CONTENT_TYPE, ServiceError, problem, problem_of, status_of
+from app.middleware import BodySizeLimit
+from app.registry import Registry, resolve_device
+from app.service import DerivativeService
+
+logger = logging.getLogger("app")
+
+DESCRIPTION = """
+Exact Jacobian and Hessian matrices of neural-network outputs (or of a loss built on
+them) with respect to the network's **inputs**.
+
+Send a model name and an input tensor (Open Inference Protocol layout, numbers or
+base64); get back the matrix, the model's output, and how it was computed. Affine models
+give exact zeros with a note instead of an autograd error; ReLU networks say that their
+Hessian is zero almost everywhere.
+"""
+
+
+def _problem_response(status: int, body: dict[str, Any]) -> Response:
+    return Response(codec.dumps(body), status_code=status, media_type=PROBLEM_CONTENT_TYPE)
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if part.isdigit() else (f".{part}" if text else part)
+    return text or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """One handler per error family, all answering RFC 9457 problem+json."""
+
+    @app.exception_handler(ServiceError)
+    async def service_error(_request: Request, exc: ServiceError) -> Response:
+        return _problem_response(status_of(exc), problem_of(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
+        errors = [
+            {"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", "")}
+            for e in exc.errors()
+        ]
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
+        return _problem_response(422, problem(422, "Invalid input", detail, errors=errors))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
+        return _problem_response(exc.status_code, problem(exc.status_code, title, str(exc.detail)))
+
+    @app.exception_handler(torch.OutOfMemoryError)
+    async def out_of_memory(_request: Request, exc: torch.OutOfMemoryError) -> Response:
+        return _problem_response(
+            503,
+            problem(503, "Overloaded", "the device ran out of memory; retry with a smaller batch"),
+        )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the application; models load in the lifespan, before the first request."""
+    settings = settings or Settings()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    registry = Registry(resolve_device(settings.device))
+    service = DerivativeService(registry, settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        registry.load_dir(settings.models_dir)
+        logger.info(
+            "%d models loaded, %d failed, on %s",
+            len(registry.models),
+            len(registry.failed),
+            registry.device,
+        )
+        yield
+        service.close()
+
+    app = FastAPIOffline(
+        title="hessian-service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.service = service
+    app.include_router(derivatives.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,153 @@
+"""HTTP request and response bodies (pydantic only, no torch).
+
+Tensor objects follow the Open Inference Protocol (KServe v2 / Triton) layout: ``name``,
+``shape``, ``datatype``, ``data``; ``data`` is a flat or nested list of numbers in
+row-major order, or a base64 string of the little-endian row-major bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, StrictInt
+
+Datatype = Literal[
+    "BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "BF16", "FP32", "FP64"
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorObject(_Strict):
+    """A tensor in the Open Inference Protocol layout."""
+
+    name: str = Field("x", description="Tensor name.", max_length=128)
+    shape: list[NonNegativeInt] = Field(
+        ..., description="Dimensions, e.g. [1, 1, 28, 28].", max_length=16
+    )
+    datatype: Datatype = Field("FP32", description="Element type of `data`.")
+    data: list[Any] | str = Field(
+        ...,
+        description="Row-major numbers (flat or nested), or base64 of the little-endian "
+        "row-major bytes.",
+    )
+
+
+class SumObjective(_Strict):
+    """``sum(output)``."""
+
+    type: Literal["sum"]
+
+
+class LogSoftmaxObjective(_Strict):
+    """``log_softmax(output)[index]``."""
+
+    type: Literal["log_softmax"]
+    index: NonNegativeInt
+
+
+class MseObjective(_Strict):
+    """``mean((output - target)**2)``; a number target is broadcast to the output shape."""
+
+    type: Literal["mse"]
+    target: float | list[Any] | TensorObject = Field(
+        ..., description="A number, a list shaped like the output, or a tensor object."
+    )
+
+
+class CrossEntropyObjective(_Strict):
+    """``-log_softmax(output)[target]``, one class index or one per sample."""
+
+    type: Literal["cross_entropy"]
+    target: NonNegativeInt | list[NonNegativeInt]
+
+
+Objective = Annotated[
+    SumObjective | LogSoftmaxObjective | MseObjective | CrossEntropyObjective,
+    Field(discriminator="type"),
+]
+
+
+class DerivativeRequest(_Strict):
+    """Body of ``POST /jacobian`` and ``POST /hessian``."""
+
+    model: str = Field(..., description="Name of a loaded model (see GET /models).")
+    inputs: list[TensorObject] = Field(
+        ...,
+        min_length=1,
+        max_length=1,
+        description="One tensor: one sample shaped like the model's input_shape, or a "
+        "batch [B, *input_shape].",
+    )
+    output_index: StrictInt | list[StrictInt] | None = Field(
+        None,
+        description="Index (or list of indices) into the flattened per-sample output. "
+        "/hessian needs one unless the model has one output or an objective is given; "
+        "/jacobian without it returns all outputs.",
+    )
+    objective: Objective | None = Field(
+        None, description="A scalar built on the output, replacing output_index."
+    )
+    encoding: Literal["json", "base64"] = Field(
+        "json", description="How result tensors' `data` is written."
+    )
+    layout: Literal["matrix", "tensor"] = Field(
+        "matrix",
+        description="matrix: [n, n] with n = prod(input_shape); tensor: input_shape + "
+        "input_shape, as torch.autograd.functional returns it.",
+    )
+    precision: Literal["float32", "float64"] = Field("float32", description="Compute dtype.")
+
+
+class ResponseMetadata(BaseModel):
+    """What was computed, and how."""
+
+    output_index: int | list[int] | None
+    objective: str
+    sample_shape: list[int]
+    batch_size: int | None = Field(description="B for a batched input, null for one sample.")
+    method: str
+    device: str
+    precision: str
+    layout: str
+    compute_ms: float
+    zero: bool = Field(description="True when every entry of the result is exactly zero.")
+    notes: list[str]
+
+
+class DerivativeResponse(BaseModel):
+    """Body of a successful ``POST /jacobian`` or ``POST /hessian``."""
+
+    model: str
+    model_version: str
+    outputs: list[TensorObject]
+    metadata: ResponseMetadata
+
+
+class ModelInfo(BaseModel):
+    """A model as ``GET /models`` lists it."""
+
+    name: str
+    version: str
+    description: str
+    input_shape: list[int]
+    output_shape: list[int]
+    device: str | None
+    ready: bool
+    curvature: str | None = Field(
+        None, description="affine | piecewise_linear | general: what the Hessian can be."
+    )
+    error: str | None = None
+    training: dict[str, Any] | None = None
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class HealthStatus(BaseModel):
+    status: Literal["ok", "loading"]
+    models_loaded: int
+    models_failed: int

@@ -1,0 +1,17 @@
+"""The real application, in process (no mocks): one app for the module's tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.main import create_app
+
+
+@pytest.fixture(scope="session")
+def client() -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(device="cpu"))) as test_client:
+        yield test_client
