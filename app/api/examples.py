@@ -7,14 +7,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from app.config import BUNDLED_MODELS_DIR
+from app.config import Settings
 
-DIGIT_SAMPLE = BUNDLED_MODELS_DIR / "digits_sample.json"
+DIGIT_SAMPLE_FILE = "digits_sample.json"
 
 
 @lru_cache(maxsize=1)
-def digit_image(path: Path = DIGIT_SAMPLE) -> list[float]:
-    """A held-out handwritten 2 from the digits data set, 784 numbers (zeros if missing)."""
+def digit_image(path: Path | None = None) -> list[float]:
+    """A held-out handwritten 2 from the digits data set, 784 numbers (zeros if missing).
+
+    It lives beside the bundled models, in the configured models folder.
+    """
+    path = path or Settings().models_dir / DIGIT_SAMPLE_FILE
     try:
         data = json.loads(path.read_text())["data"]
     except (OSError, KeyError, ValueError):
