@@ -15,12 +15,13 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from app.engine import generic
+from app.engine import generic, structured
 from app.engine.objectives import Objective
 from app.engine.planner import DEFAULT_MEMORY_BUDGET_BYTES, Plan, plan_hessian, plan_jacobian
 from app.engine.structure import Curvature, classify
 
-METHODS = ("auto", "generic")
+HESSIAN_METHODS = ("auto", "structured", "generic")
+JACOBIAN_METHODS = ("auto", "generic")
 OutputIndex = int | Sequence[int] | None
 
 
@@ -130,9 +131,30 @@ def _targets(selection: _Selection, batch: int, m: int, x: torch.Tensor) -> torc
     return objective.per_sample_targets(batch, m).to(x.device)
 
 
-def _check_method(api: str, method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"{api}: method must be one of {METHODS}, got {method!r}")
+def _check_method(api: str, method: str, methods: tuple[str, ...]) -> None:
+    if method not in methods:
+        raise ValueError(f"{api}: method must be one of {methods}, got {method!r}")
+
+
+def _structured_hessian(
+    network: list[nn.Module],
+    x: torch.Tensor,
+    selection: _Selection,
+    targets: torch.Tensor,
+    batch_chunk: int,
+) -> torch.Tensor:
+    objective = selection.objective
+    pieces = [
+        structured.hessian_of_layers(
+            network,
+            x[start : start + batch_chunk],
+            indices=selection.indices,
+            objective=objective.scalar if objective is not None else None,
+            targets=targets[start : start + batch_chunk],
+        )
+        for start in range(0, x.shape[0], batch_chunk)  # chunks of samples, not of rows
+    ]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def compute_hessian(
@@ -151,7 +173,13 @@ def compute_hessian(
     a smaller budget is slower, never different.
     """
     _check_input("hessian", model, x)
-    _check_method("hessian", method)
+    _check_method("hessian", method, HESSIAN_METHODS)
+    network = structured.layers(model, tuple(x.shape[1:])) if method != "generic" else None
+    if method == "structured" and network is None:
+        raise ValueError(
+            "hessian: method='structured' supports Sequential networks of Linear, "
+            "BatchNorm1d, Flatten, Dropout and elementwise non-linearities; use 'auto'"
+        )
     output, activation_numel = _forward(model, x)
     batch, m = x.shape[0], int(output[0].numel())
     selection = _select("hessian", output_index, objective, m, default_all=False)
@@ -163,7 +191,20 @@ def compute_hessian(
         memory_budget_bytes=memory_budget_bytes,
         num_scalars=selection.count,
     )
-    scalars, targets = _scalars_fn(model, selection), _targets(selection, batch, m, x)
+    targets = _targets(selection, batch, m, x)
+    if network is not None:
+        plan = replace(plan, method="structured:backward", basis_chunk=int(x[0].numel()))
+        with torch.no_grad():
+            matrix = _structured_hessian(network, x, selection, targets, plan.batch_chunk)
+        return DerivativeResult(
+            matrix=matrix,
+            output=output,
+            method=plan.method,
+            plan=plan,
+            curvature=classify(model),
+            squeeze_scalars=selection.squeeze,
+        )
+    scalars = _scalars_fn(model, selection)
     with torch.no_grad():
         try:
             matrix = generic.hessian(scalars, x, targets, plan)
@@ -191,7 +232,7 @@ def compute_jacobian(
 ) -> DerivativeResult:
     """Input Jacobians of selected outputs (all by default) for each sample of ``x``."""
     _check_input("jacobian", model, x)
-    _check_method("jacobian", method)
+    _check_method("jacobian", method, JACOBIAN_METHODS)
     output, activation_numel = _forward(model, x)
     batch, m = x.shape[0], int(output[0].numel())
     selection = _select("jacobian", output_index, objective, m, default_all=True)
