@@ -58,7 +58,19 @@ def _decode_base64(text: str, datatype: str, count: int, field: str) -> torch.Te
     return torch.frombuffer(bytearray(raw), dtype=dtype)
 
 
-def _decode_numbers(data: list[Any], datatype: str, count: int, field: str) -> torch.Tensor:
+def _check_integers(flat: np.ndarray, datatype: str, field: str) -> None:
+    if (flat != np.round(flat)).any():
+        raise InvalidInput(f"{field}: datatype {datatype} expects integers", field=field)
+    dtype = TORCH_DTYPES[datatype]
+    low, high = (0, 1) if dtype == torch.bool else (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
+    if flat.size and (flat.min() < low or flat.max() > high):
+        raise InvalidInput(
+            f"{field}: datatype {datatype} holds integers from {low} to {high}", field=field
+        )
+
+
+def _decode_numbers(data: list[Any], datatype: str, shape: list[int], field: str) -> torch.Tensor:
+    count = math.prod(shape)
     try:
         array = np.asarray(data)
     except (ValueError, TypeError):
@@ -68,18 +80,25 @@ def _decode_numbers(data: list[Any], datatype: str, count: int, field: str) -> t
             f"{field}: expected numbers in a flat or regularly nested list", field=field
         )
     array = array.astype(np.float64)
+    if array.ndim > 1 and list(array.shape) != list(shape):
+        raise InvalidInput(
+            f"{field}: nested as {list(array.shape)}; shape says {list(shape)} "
+            "(send a flat list, or nest it exactly as the shape)",
+            field=field,
+        )
     if array.size != count:
         raise InvalidInput(
             f"{field}: holds {array.size} numbers; shape expects {count}", field=field
         )
     flat = array.reshape(-1)
-    if (
-        datatype in _INTEGER_DATATYPES
-        and np.isfinite(flat).all()
-        and (flat != np.round(flat)).any()
-    ):
-        raise InvalidInput(f"{field}: datatype {datatype} expects integers", field=field)
-    return torch.from_numpy(flat).to(TORCH_DTYPES[datatype])
+    if not np.isfinite(flat).all():
+        raise InvalidInput(f"{field}: contains NaN or Inf", field=field)
+    if datatype in _INTEGER_DATATYPES:
+        _check_integers(flat, datatype, field)
+    converted = torch.from_numpy(flat).to(TORCH_DTYPES[datatype])
+    if converted.is_floating_point() and not bool(torch.isfinite(converted).all()):
+        raise InvalidInput(f"{field}: a value is outside the range of {datatype}", field=field)
+    return converted
 
 
 def decode_tensor(obj: TensorObject, field: str) -> torch.Tensor:
@@ -92,7 +111,7 @@ def decode_tensor(obj: TensorObject, field: str) -> torch.Tensor:
     if isinstance(obj.data, str):
         flat = _decode_base64(obj.data, obj.datatype, count, data_field)
     else:
-        flat = _decode_numbers(obj.data, obj.datatype, count, data_field)
+        flat = _decode_numbers(obj.data, obj.datatype, obj.shape, data_field)
     if flat.is_floating_point() and not bool(torch.isfinite(flat).all()):
         raise InvalidInput(f"{data_field}: contains NaN or Inf", field=data_field)
     return flat.reshape(obj.shape)

@@ -52,6 +52,15 @@ def _field(loc: tuple[Any, ...]) -> str:
     return text or "body"
 
 
+def _validation_error(error: dict[str, Any]) -> dict[str, str]:
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "json_invalid":  # loc is ("body", <character offset>)
+        reason = error.get("ctx", {}).get("error", "")
+        offset = loc[1] if len(loc) > 1 else "?"
+        return {"field": "body", "message": f"invalid JSON at character {offset}: {reason}"}
+    return {"field": _field(loc), "message": error.get("msg", "")}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """One handler per error family, all answering RFC 9457 problem+json."""
 
@@ -61,10 +70,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
-        errors = [
-            {"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", "")}
-            for e in exc.errors()
-        ]
+        errors = [_validation_error(e) for e in exc.errors()]
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
         return _problem_response(422, problem(422, "Invalid input", detail, errors=errors))
 

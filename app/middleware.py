@@ -44,30 +44,32 @@ class BodySizeLimit:
             if key == b"content-length" and value.isdigit() and int(value) > self.limit:
                 await self._refuse(send)
                 return
+        if any(key == b"content-length" for key, _ in scope["headers"]):
+            await self.app(scope, receive, send)  # the server stops at Content-Length
+            return
+        # A streamed (chunked) body: read it up to the limit before the app sees it.
+        chunks: list[bytes] = []
         received = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > self.limit:
                 await self._refuse(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
 
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)

@@ -53,6 +53,9 @@ def test_json_and_base64_encodings_carry_identical_float32_values() -> None:
         (TensorObject(shape=[2], data=["a", "b"]), "expected numbers"),
         (TensorObject(shape=[2, 2], data=[[1, 2], [3]]), "expected numbers"),
         (TensorObject(shape=[2], datatype="INT64", data=[1.5, 2]), "INT64 expects integers"),
+        (TensorObject(shape=[2], datatype="INT8", data=[1, 300]), "INT8 holds integers from -128"),
+        (TensorObject(shape=[4], data=[[1, 1], [1, 1]]), "nested as [2, 2]; shape says [4]"),
+        (TensorObject(shape=[1], data=[1e300]), "a value is outside the range of FP32"),
     ],
 )
 def test_malformed_tensor_objects_name_the_field(obj: TensorObject, message: str) -> None:
