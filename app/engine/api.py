@@ -9,7 +9,7 @@ as in ``torch.func``. The HTTP service calls exactly these functions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -17,11 +17,18 @@ from torch import nn
 
 from app.engine import generic, structured
 from app.engine.objectives import Objective
-from app.engine.planner import DEFAULT_MEMORY_BUDGET_BYTES, Plan, plan_hessian, plan_jacobian
+from app.engine.planner import (
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    Plan,
+    plan_hessian,
+    plan_jacobian,
+    plan_structured_hessian,
+    plan_structured_jacobian,
+)
 from app.engine.structure import Curvature, classify
 
 HESSIAN_METHODS = ("auto", "structured", "generic")
-JACOBIAN_METHODS = ("auto", "generic")
+JACOBIAN_METHODS = ("auto", "structured", "generic")
 OutputIndex = int | Sequence[int] | None
 
 
@@ -136,25 +143,38 @@ def _check_method(api: str, method: str, methods: tuple[str, ...]) -> None:
         raise ValueError(f"{api}: method must be one of {methods}, got {method!r}")
 
 
-def _structured_hessian(
-    network: list[nn.Module],
-    x: torch.Tensor,
-    selection: _Selection,
-    targets: torch.Tensor,
-    batch_chunk: int,
-) -> torch.Tensor:
-    objective = selection.objective
-    pieces = [
-        structured.hessian_of_layers(
-            network,
-            x[start : start + batch_chunk],
-            indices=selection.indices,
-            objective=objective.scalar if objective is not None else None,
-            targets=targets[start : start + batch_chunk],
+def _output_count(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad():
+        return int(model(x[:1]).numel())
+
+
+def _structured_network(
+    api: str, model: nn.Module, x: torch.Tensor, method: str
+) -> structured.Network | None:
+    network = structured.parse(model, tuple(x.shape[1:])) if method != "generic" else None
+    if method == "structured" and network is None:
+        raise ValueError(
+            f"{api}: method='structured' supports Sequential networks of Conv1d/2d, "
+            "AvgPool1d/2d, BatchNorm, Flatten, Linear, Dropout and elementwise "
+            "non-linearities; use method='auto' to fall back to the generic path"
         )
-        for start in range(0, x.shape[0], batch_chunk)  # chunks of samples, not of rows
+    return network
+
+
+def _in_chunks(
+    batch_chunk: int,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    compute: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``compute`` on chunks of samples (never of matrix rows) and concatenate."""
+    pieces = [
+        compute(x[start : start + batch_chunk], targets[start : start + batch_chunk])
+        for start in range(0, x.shape[0], batch_chunk)
     ]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    if len(pieces) == 1:
+        return pieces[0]
+    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
 
 
 def compute_hessian(
@@ -168,23 +188,51 @@ def compute_hessian(
 ) -> DerivativeResult:
     """Input Hessians of selected outputs (or of an objective) for each sample of ``x``.
 
-    ``memory_budget_bytes`` bounds the working memory: it sets how many basis vectors
-    and samples go through the network at once (the ``chunk_size`` of ``torch.func``);
-    a smaller budget is slower, never different.
+    ``method``: ``auto`` (structured when the network supports it, else generic),
+    ``structured`` or ``generic``. ``memory_budget_bytes`` bounds the working memory: it
+    sets how many samples (and, on the generic path, basis vectors) are processed at
+    once; a smaller budget is slower, never different.
     """
     _check_input("hessian", model, x)
     _check_method("hessian", method, HESSIAN_METHODS)
-    network = structured.layers(model, tuple(x.shape[1:])) if method != "generic" else None
-    if method == "structured" and network is None:
-        raise ValueError(
-            "hessian: method='structured' supports Sequential networks of Linear, "
-            "BatchNorm1d, Flatten, Dropout and elementwise non-linearities; use 'auto'"
+    network = _structured_network("hessian", model, x, method)
+    batch, n = x.shape[0], int(x[0].numel())
+    if network is not None:
+        m = _output_count(model, x)
+        selection = _select("hessian", output_index, objective, m, default_all=False)
+        plan = plan_structured_hessian(
+            n=n,
+            batch=batch,
+            itemsize=x.element_size(),
+            memory_budget_bytes=memory_budget_bytes,
+            num_scalars=selection.count,
+        )
+        scalar = selection.objective.scalar if selection.objective is not None else None
+
+        def structured_chunk(
+            xs: torch.Tensor, ts: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return structured.hessian_of(
+                network, xs, indices=selection.indices, objective=scalar, targets=ts
+            )
+
+        with torch.no_grad():
+            matrix, flat_output = _in_chunks(
+                plan.batch_chunk, x, _targets(selection, batch, m, x), structured_chunk
+            )
+        return DerivativeResult(
+            matrix=matrix,
+            output=_shaped_output(model, x, flat_output),
+            method=plan.method,
+            plan=plan,
+            curvature=classify(model),
+            squeeze_scalars=selection.squeeze,
         )
     output, activation_numel = _forward(model, x)
-    batch, m = x.shape[0], int(output[0].numel())
+    m = int(output[0].numel())
     selection = _select("hessian", output_index, objective, m, default_all=False)
     plan = plan_hessian(
-        n=int(x[0].numel()),
+        n=n,
         batch=batch,
         activation_numel=activation_numel,
         itemsize=x.element_size(),
@@ -192,18 +240,6 @@ def compute_hessian(
         num_scalars=selection.count,
     )
     targets = _targets(selection, batch, m, x)
-    if network is not None:
-        plan = replace(plan, method="structured:backward", basis_chunk=int(x[0].numel()))
-        with torch.no_grad():
-            matrix = _structured_hessian(network, x, selection, targets, plan.batch_chunk)
-        return DerivativeResult(
-            matrix=matrix,
-            output=output,
-            method=plan.method,
-            plan=plan,
-            curvature=classify(model),
-            squeeze_scalars=selection.squeeze,
-        )
     scalars = _scalars_fn(model, selection)
     with torch.no_grad():
         try:
@@ -230,14 +266,52 @@ def compute_jacobian(
     method: str = "auto",
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> DerivativeResult:
-    """Input Jacobians of selected outputs (all by default) for each sample of ``x``."""
+    """Input Jacobians of selected outputs (all by default) for each sample of ``x``.
+
+    Structured (one batched backward pass of the selected one-hot rows) when the network
+    supports it and there are no more rows than inputs; otherwise the generic path in
+    reverse or forward mode, whichever needs fewer passes.
+    """
     _check_input("jacobian", model, x)
     _check_method("jacobian", method, JACOBIAN_METHODS)
+    network = _structured_network("jacobian", model, x, method)
+    batch, n = x.shape[0], int(x[0].numel())
+    m = _output_count(model, x) if network is not None else 0
+    if network is not None and objective is None:
+        selection = _select("jacobian", output_index, objective, m, default_all=True)
+        if selection.count <= n:
+            assert selection.indices is not None
+            plan = plan_structured_jacobian(
+                n=n,
+                batch=batch,
+                rows=selection.count,
+                itemsize=x.element_size(),
+                memory_budget_bytes=memory_budget_bytes,
+            )
+            indices = selection.indices
+
+            def structured_chunk(
+                xs: torch.Tensor, _ts: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                return structured.jacobian_of(network, xs, indices=indices)
+
+            with torch.no_grad():
+                matrix, flat_output = _in_chunks(
+                    plan.batch_chunk, x, x.new_zeros(batch), structured_chunk
+                )
+            return DerivativeResult(
+                matrix=matrix,
+                output=_shaped_output(model, x, flat_output),
+                method=plan.method,
+                plan=plan,
+                curvature=classify(model),
+                squeeze_scalars=selection.squeeze,
+            )
     output, activation_numel = _forward(model, x)
-    batch, m = x.shape[0], int(output[0].numel())
+    m = int(output[0].numel())
     selection = _select("jacobian", output_index, objective, m, default_all=True)
     plan = plan_jacobian(
-        n=int(x[0].numel()),
+        n=n,
         rows=selection.count,
         batch=batch,
         activation_numel=activation_numel,
@@ -263,6 +337,13 @@ def compute_jacobian(
         curvature=classify(model),
         squeeze_scalars=selection.squeeze,
     )
+
+
+def _shaped_output(model: nn.Module, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """The structured path's flat ``[B, m]`` output in the model's own output shape."""
+    with torch.no_grad():
+        shape = model(x[:1]).shape[1:]
+    return flat.reshape(flat.shape[0], *shape)
 
 
 def hessian(

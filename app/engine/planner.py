@@ -100,3 +100,49 @@ def plan_jacobian(
         batch_chunk=batch_chunk,
         estimated_bytes=per_vector * basis_chunk * batch_chunk,
     )
+
+
+def _samples_per_chunk(batch: int, per_sample_bytes: int, budget: int) -> int:
+    return max(1, min(batch, budget // max(per_sample_bytes, 1)))
+
+
+def plan_structured_hessian(
+    *,
+    n: int,
+    batch: int,
+    itemsize: int,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    num_scalars: int = 1,
+) -> Plan:
+    """Plan the structured Hessian: whole samples at a time, as many as the budget holds.
+
+    Per sample it holds the result and about as much again in intermediate products
+    (``A^T H_h A``, scattered blocks), so ``2 k n^2`` entries.
+    """
+    per_sample = 2 * num_scalars * n * n * itemsize
+    batch_chunk = _samples_per_chunk(batch, per_sample, memory_budget_bytes)
+    return Plan(
+        method="structured",
+        basis_chunk=n,
+        batch_chunk=batch_chunk,
+        estimated_bytes=per_sample * batch_chunk,
+    )
+
+
+def plan_structured_jacobian(
+    *,
+    n: int,
+    batch: int,
+    rows: int,
+    itemsize: int,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+) -> Plan:
+    """Plan the structured Jacobian: one backward pass of ``rows`` one-hot rows per sample."""
+    per_sample = 4 * rows * n * itemsize
+    batch_chunk = _samples_per_chunk(batch, per_sample, memory_budget_bytes)
+    return Plan(
+        method="structured",
+        basis_chunk=rows,
+        batch_chunk=batch_chunk,
+        estimated_bytes=per_sample * batch_chunk,
+    )

@@ -1,27 +1,40 @@
-"""The structured Hessian path: curvature propagated backward through a layered network.
+"""The structured derivative path for layered networks: exact, dense-matmul only.
 
 For a network of affine maps and elementwise non-linearities, the input Hessian of a
-scalar ``s`` is exactly ``J_out^T H_obj J_out + sum_l J_l^T diag(g_l * sigma_l''(z_l)) J_l``
-(DESIGN.md). Propagating it backward, layer by layer, gives it with dense matrix products
-only, in the width of each layer rather than the width of the input:
+scalar ``s`` is exactly (DESIGN.md)
 
-- affine ``y = W a + b``:      ``g_a = W^T g_y``,  ``H_a = W^T H_y W``;
-- elementwise ``a = sigma(z)``: ``g_z = sigma'(z) g_a``,
-  ``H_z = diag(sigma'(z)) H_a diag(sigma'(z)) + diag(g_a * sigma''(z))``.
+    H = J_out^T H_obj J_out + sum_l J_l^T diag(g_l * sigma_l''(z_l)) J_l
 
-The curvature starts as zero (a raw output) or as the objective's Hessian with respect to
-the output, and stays diagonal until the first affine map from the top, which keeps the
-narrow top of an MLP almost free. Networks with other modules (convolutions, custom
-forwards) are not supported here; ``supports`` says so and the caller falls back.
+where ``z_l`` is the input of non-linearity ``l``, ``J_l = dz_l/dx`` and ``g_l`` the
+gradient of ``s`` with respect to that non-linearity's output. A network is split at its
+first ``Linear`` into
+
+- a *head* (convolutions, average pooling, batch norm, elementwise functions, flatten):
+  every unit there depends only on its receptive field, a small patch of the input, so
+  its Jacobian is kept as one small dense patch per unit (``Patches``) and its Hessian
+  term is a ``K x K`` block per position, scattered into ``H`` -- never an ``n x n``
+  product;
+- a *tail* (Linear, BatchNorm1d, elementwise functions): its curvature is propagated
+  backward in each layer's width (``W^T H W``; ``diag(s') H diag(s') + diag(g s'')``)
+  down to the output of the first ``Linear``, ``H_h``, and enters ``H`` once as
+  ``A^T H_h A`` with ``A = W_1 J_u`` the Jacobian of that output.
+
+So an MLP costs a few products in its hidden widths plus one ``n x h x n`` product, and a
+CNN costs its receptive-field blocks. Anything else is not supported here: ``parse``
+returns None and the caller falls back to the generic path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, hessian, vmap
+from torch.nn.grad import conv1d_input, conv2d_input
+from torch.nn.modules.batchnorm import _BatchNorm
 
 ELEMENTWISE: tuple[type[nn.Module], ...] = (
     nn.Tanh,
@@ -35,54 +48,102 @@ ELEMENTWISE: tuple[type[nn.Module], ...] = (
     nn.ReLU6,
     nn.Hardtanh,
 )
-PASS_THROUGH: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout, nn.Flatten)
+PASS_THROUGH: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout)
+BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+SPATIAL: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.AvgPool1d, nn.AvgPool2d)
 
 # One sample's flattened output and its target row -> the objective's scalar value.
 ObjectiveFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _flatten(model: nn.Module) -> list[nn.Module]:
+@dataclass(frozen=True)
+class Network:
+    """A supported network: ``head`` up to the first Linear, ``tail`` from it on."""
+
+    head: list[nn.Module]
+    tail: list[nn.Module]
+
+
+def _leaves(model: nn.Module) -> list[nn.Module]:
     if isinstance(model, nn.Sequential):
-        return [leaf for child in model for leaf in _flatten(child)]
+        return [leaf for child in model for leaf in _leaves(child)]
     return [model]
 
 
-def layers(model: nn.Module, sample_shape: tuple[int, ...]) -> list[nn.Module] | None:
-    """The network as a list of supported layers, or None when this path cannot run it.
+def _pair(value: int | tuple[int, ...] | str) -> tuple[int, int] | None:
+    if isinstance(value, str):
+        return None
+    values = (value,) if isinstance(value, int) else tuple(value)
+    return (values * 2)[:2] if len(values) == 1 else (values[0], values[1])
 
-    Supported: (nested) ``nn.Sequential`` of Linear, BatchNorm1d, elementwise
-    non-linearities, Identity, Dropout and Flatten, in eval mode, where every Linear and
-    BatchNorm1d sees a flat per-sample vector.
+
+def _spatial_supported(layer: nn.Module, rank: int) -> bool:
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        expected_rank = 2 if isinstance(layer, nn.Conv1d) else 3
+        return (
+            rank == expected_rank
+            and layer.groups == 1
+            and all(d == 1 for d in layer.dilation)
+            and layer.padding_mode == "zeros"
+            and not isinstance(layer.padding, str)
+        )
+    if isinstance(layer, nn.AvgPool1d):
+        return rank == 2 and not layer.ceil_mode and layer.count_include_pad
+    if isinstance(layer, nn.AvgPool2d):
+        return (
+            rank == 3
+            and not layer.ceil_mode
+            and layer.count_include_pad
+            and layer.divisor_override is None
+        )
+    return False
+
+
+def parse(model: nn.Module, sample_shape: tuple[int, ...]) -> Network | None:
+    """Split a supported network into head and tail; None when this path cannot run it.
+
+    Supported: (nested) ``nn.Sequential`` in eval mode of Conv1d/Conv2d (zero padding, no
+    groups or dilation), AvgPool1d/2d, BatchNorm1d/2d, Flatten, Linear, Identity, Dropout
+    and elementwise non-linearities, where every Linear sees a flat per-sample vector.
     """
-    flat = len(sample_shape) == 1
-    result = _flatten(model)
-    for layer in result:
-        if layer.training and isinstance(layer, (nn.Dropout, nn.BatchNorm1d)):
+    layers = _leaves(model)
+    first_linear = next(
+        (i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear)), len(layers)
+    )
+    rank = len(sample_shape)  # 1: [n], 2: [C, L], 3: [C, H, W]
+    flat = rank == 1
+    for position, layer in enumerate(layers):
+        if layer.training and isinstance(layer, (*PASS_THROUGH, *BATCHNORMS)):
             return None
+        if isinstance(layer, ELEMENTWISE + PASS_THROUGH):
+            continue
         if isinstance(layer, nn.Flatten):
             if layer.start_dim != 1 or layer.end_dim != -1:
                 return None
             flat = True
-        elif isinstance(layer, (nn.Linear, nn.BatchNorm1d)):
-            if not flat or (isinstance(layer, nn.BatchNorm1d) and layer.running_var is None):
+        elif isinstance(layer, BATCHNORMS):
+            if layer.running_var is None or layer.running_mean is None:
                 return None
-        elif not isinstance(layer, ELEMENTWISE + PASS_THROUGH):
+            if isinstance(layer, nn.BatchNorm2d) and (flat or rank != 3):
+                return None
+        elif isinstance(layer, nn.Linear):
+            if not flat:
+                return None
+        elif position >= first_linear or flat or not _spatial_supported(layer, rank):
             return None
-    return result
+    return Network(layers[:first_linear], layers[first_linear:])
 
 
 def supports(model: nn.Module, sample_shape: tuple[int, ...]) -> bool:
-    """Whether the structured path can compute this network's input Hessian."""
-    return layers(model, sample_shape) is not None
+    """Whether the structured path can compute this network's input derivatives."""
+    return parse(model, sample_shape) is not None
 
 
-def _elementwise_derivatives(
-    layer: nn.Module, z: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def elementwise_derivatives(layer: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``sigma'(z)`` and ``sigma''(z)`` of an elementwise module, by double backward.
 
-    Elementwise means the Jacobian is diagonal, so the gradient of ``sum(sigma(z))`` is
-    exactly ``sigma'(z)`` and the gradient of ``sum(sigma'(z))`` is ``sigma''(z)``.
+    Elementwise means a diagonal Jacobian, so the gradient of ``sum(sigma(z))`` is exactly
+    ``sigma'(z)`` and the gradient of ``sum(sigma'(z))`` is ``sigma''(z)``.
     """
     with torch.enable_grad():
         at = z.detach().requires_grad_(True)
@@ -93,23 +154,136 @@ def _elementwise_derivatives(
     return first.detach(), (second if second is not None else torch.zeros_like(z)).detach()
 
 
-def _batchnorm_scale(layer: nn.BatchNorm1d, like: torch.Tensor) -> torch.Tensor:
-    assert layer.running_var is not None
-    scale = torch.rsqrt(layer.running_var + layer.eps)
-    if layer.weight is not None:
-        scale = scale * layer.weight
-    return scale.to(like.dtype)
+def _batchnorm_scale(layer: nn.Module, units: tuple[int, int, int]) -> torch.Tensor:
+    """The eval-mode scale of a batch norm, shaped [C, H, W] (or [C, 1, 1]) to broadcast."""
+    assert isinstance(layer, _BatchNorm)
+    running_var, weight = layer.get_buffer("running_var"), layer.weight
+    scale = torch.rsqrt(running_var + layer.eps)
+    if weight is not None:
+        scale = scale * weight
+    if scale.numel() == units[0]:
+        return scale.reshape(-1, 1, 1)
+    return scale.reshape(units)
 
 
-class _Curvature:
-    """The Hessian with respect to the current layer's output, ``[B, k, d, d]``.
+def _canonical(shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
+    """A per-sample shape as units [C, H, W]: [n] -> [n, 1, 1], [C, L] -> [C, 1, L]."""
+    if len(shape) == 1:
+        return (shape[0], 1, 1)
+    if len(shape) == 2:
+        return (shape[0], 1, shape[1])
+    if len(shape) == 3:
+        return (shape[0], shape[1], shape[2])
+    raise ValueError(f"structured: unsupported sample shape {tuple(shape)}")
 
-    Held as zero, as a diagonal ``[B, k, d]``, or dense, whichever is exact and cheapest.
+
+@dataclass
+class Patches:
+    """The Jacobian of a head activation ``[C, H, W]`` with respect to the input.
+
+    Unit ``(c, y, x)`` depends only on the input patch whose origin is
+    ``(stride * (y, x) - offset)``, of size ``size``, over all input channels; ``values``
+    holds those local Jacobians, ``[B or 1, C, H, W, C0, rh, rw]``. ``identity`` marks the
+    input itself (no layer applied yet), so products with it can be skipped.
     """
 
-    def __init__(self, dense: torch.Tensor | None = None) -> None:
-        self.dense = dense
-        self.diagonal: torch.Tensor | None = None
+    values: torch.Tensor
+    input_units: tuple[int, int, int]
+    stride: tuple[int, int] = (1, 1)
+    offset: tuple[int, int] = (0, 0)
+    identity: bool = True
+
+    @classmethod
+    def of_input(cls, units: tuple[int, int, int], like: torch.Tensor) -> Patches:
+        channels, height, width = units
+        eye = torch.eye(channels, dtype=like.dtype, device=like.device)
+        values = eye.reshape(1, channels, 1, 1, channels, 1, 1).expand(
+            1, channels, height, width, channels, 1, 1
+        )
+        return cls(values=values, input_units=units)
+
+    @property
+    def units(self) -> tuple[int, int, int]:
+        return (self.values.shape[1], self.values.shape[2], self.values.shape[3])
+
+    @property
+    def patch(self) -> int:
+        """K: the number of input entries one unit can depend on."""
+        return int(self.values.shape[4] * self.values.shape[5] * self.values.shape[6])
+
+    def scaled(self, factor: torch.Tensor) -> Patches:
+        """``diag(factor) J`` for a per-unit factor ``[B or 1, C, H, W]``."""
+        values = self.values * factor.reshape(*factor.shape[:4], 1, 1, 1)
+        return Patches(values, self.input_units, self.stride, self.offset, identity=False)
+
+    def through_window(
+        self,
+        weight: torch.Tensor | None,
+        kernel: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        out_hw: tuple[int, int],
+    ) -> Patches:
+        """Through a convolution (``weight [Co, Ci, kh, kw]``) or an average pool (None)."""
+        kh, kw = kernel
+        (sh, sw), (ph, pw), (oh, ow) = stride, padding, out_hw
+        Sh, Sw = self.stride
+        values = self.values
+        if values.shape[0] == 1 and values.stride(0) == 0:
+            values = values.contiguous()
+        padded = F.pad(values, (0, 0, 0, 0, 0, 0, pw, pw, ph, ph))
+        c0, rh, rw = values.shape[4:]
+        out_channels = values.shape[1] if weight is None else weight.shape[0]
+        new = values.new_zeros(
+            values.shape[0], out_channels, oh, ow, c0, rh + (kh - 1) * Sh, rw + (kw - 1) * Sw
+        )
+        for i in range(kh):
+            for j in range(kw):
+                window = padded[
+                    :, :, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw
+                ]
+                if weight is None:
+                    contribution = window / (kh * kw)
+                else:
+                    contribution = torch.einsum("oc,bchwkyx->bohwkyx", weight[:, :, i, j], window)
+                new[..., i * Sh : i * Sh + rh, j * Sw : j * Sw + rw] += contribution
+        return Patches(
+            new,
+            self.input_units,
+            (Sh * sh, Sw * sw),
+            (self.offset[0] + Sh * ph, self.offset[1] + Sw * pw),
+            identity=False,
+        )
+
+    def indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat input index of every patch entry ``[P, K]``, and whether it is a real input.
+
+        Entries that fall into the padding are marked invalid (index 0, to be added as 0).
+        """
+        c0, hin, win = self.input_units
+        _, _, height, width, _, rh, rw = self.values.shape
+        device = self.values.device
+        ys = torch.arange(height, device=device) * self.stride[0] - self.offset[0]
+        xs = torch.arange(width, device=device) * self.stride[1] - self.offset[1]
+        rows = ys.reshape(-1, 1, 1, 1, 1) + torch.arange(rh, device=device).reshape(1, 1, 1, -1, 1)
+        cols = xs.reshape(1, -1, 1, 1, 1) + torch.arange(rw, device=device).reshape(1, 1, 1, 1, -1)
+        channel = torch.arange(c0, device=device).reshape(1, 1, -1, 1, 1)
+        valid = (rows >= 0) & (rows < hin) & (cols >= 0) & (cols < win)
+        flat = channel * (hin * win) + rows * win + cols
+        valid = valid.expand(height, width, c0, rh, rw).reshape(height * width, -1)
+        flat = torch.where(
+            valid, flat.expand(height, width, c0, rh, rw).reshape(height * width, -1), 0
+        )
+        return flat, valid
+
+
+@dataclass
+class _Curvature:
+    """The Hessian w.r.t. the current tail activation, ``[B, k, d, d]``: zero, diagonal
+    ``[B, k, d]`` or dense -- whichever is exact and cheapest."""
+
+    dense: torch.Tensor | None = None
+    diagonal: torch.Tensor | None = None
 
     def through_linear(self, weight: torch.Tensor) -> None:
         if self.diagonal is not None:
@@ -133,55 +307,273 @@ class _Curvature:
         else:
             self.diagonal = values
 
-    def materialize(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None:
-            return self.dense
+    def sandwich(self, a: torch.Tensor) -> torch.Tensor | None:
+        """``A^T H A`` for ``A [B or 1, h, n]``, or None when H is zero."""
         if self.diagonal is not None:
-            return torch.diag_embed(self.diagonal)
-        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+            return (a.unsqueeze(1) * self.diagonal.unsqueeze(-1)).transpose(-1, -2) @ a.unsqueeze(1)
+        if self.dense is not None:
+            return a.unsqueeze(1).transpose(-1, -2) @ (self.dense @ a.unsqueeze(1))
+        return None
 
 
-def hessian_of_layers(
-    network: list[nn.Module],
+@dataclass
+class _Forward:
+    """What the backward passes need from one forward pass."""
+
+    output: torch.Tensor  # [B, m]
+    head_inputs: list[torch.Tensor] = field(default_factory=list)  # each layer's input
+    head_patches: list[Patches | None] = field(default_factory=list)  # J of elementwise inputs
+    head_output_shapes: list[torch.Size] = field(default_factory=list)  # per sample
+    # (sigma'(z), sigma''(z)) of each elementwise head layer, None for other layers
+    head_derivatives: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    tail_inputs: list[torch.Tensor] = field(default_factory=list)
+    patches: Patches | None = None  # J of the head's output
+
+
+def _window_geometry(
+    layer: nn.Module,
+) -> tuple[torch.Tensor | None, tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(weight as [Co, Ci, kh, kw] or None for pooling, kernel, stride, padding), in 2-D."""
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        weight = layer.weight if layer.weight.dim() == 4 else layer.weight.unsqueeze(2)
+        kernel = (weight.shape[2], weight.shape[3])
+        stride = _pair(layer.stride) or (1, 1)
+        padding = _pair(layer.padding) or (0, 0)
+    else:
+        assert isinstance(layer, (nn.AvgPool1d, nn.AvgPool2d))
+        weight = None
+        kernel = _pair(layer.kernel_size) or (1, 1)
+        stride = _pair(layer.stride if layer.stride else layer.kernel_size) or kernel
+        padding = _pair(layer.padding) or (0, 0)
+    if isinstance(layer, (nn.Conv1d, nn.AvgPool1d)):  # 1-D as 2-D with height 1
+        kernel, stride, padding = (1, kernel[1]), (1, stride[1]), (0, padding[1])
+    return weight, kernel, stride, padding
+
+
+def forward(network: Network, x: torch.Tensor, *, track_patches: bool) -> _Forward:
+    """Run the network, recording layer inputs and (optionally) the head's patches."""
+    batch = x.shape[0]
+    activation = x
+    record = _Forward(output=x)
+    patches = Patches.of_input(_canonical(x.shape[1:]), x) if track_patches else None
+    for layer in network.head:
+        record.head_inputs.append(activation)
+        units = _canonical(activation.shape[1:])
+        record.head_patches.append(
+            patches if isinstance(layer, ELEMENTWISE) and track_patches else None
+        )
+        output = layer(activation)
+        record.head_output_shapes.append(output.shape[1:])
+        derivatives = (
+            elementwise_derivatives(layer, activation) if isinstance(layer, ELEMENTWISE) else None
+        )
+        record.head_derivatives.append(derivatives)
+        if patches is not None:
+            if derivatives is not None:
+                patches = patches.scaled(derivatives[0].reshape(batch, *units))
+            elif isinstance(layer, BATCHNORMS):
+                patches = patches.scaled(_batchnorm_scale(layer, units).unsqueeze(0))
+            elif isinstance(layer, SPATIAL):
+                weight, kernel, stride, padding = _window_geometry(layer)
+                out_units = _canonical(output.shape[1:])
+                patches = patches.through_window(
+                    weight, kernel, stride, padding, (out_units[1], out_units[2])
+                )
+        activation = output
+    record.patches = patches
+    activation = activation.reshape(batch, -1)
+    for layer in network.tail:
+        record.tail_inputs.append(activation)
+        if not isinstance(layer, (*PASS_THROUGH, nn.Flatten)):
+            activation = layer(activation)
+    record.output = activation.reshape(batch, -1)
+    return record
+
+
+def _head_backward(
+    network: Network, record: _Forward, gradient: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Gradients of the ``k`` scalars through the head.
+
+    ``gradient`` is ``[B, k, d]`` at the head's output; returns it at the input,
+    ``[B, k, n]``, and at each elementwise layer's output (None for other layers).
+    """
+    batch, scalars = gradient.shape[:2]
+    at_outputs: list[torch.Tensor | None] = [None] * len(network.head)
+    current = gradient
+    for position in range(len(network.head) - 1, -1, -1):
+        layer, layer_input = network.head[position], record.head_inputs[position]
+        sample_in, sample_out = layer_input.shape[1:], record.head_output_shapes[position]
+        current = current.reshape(batch, scalars, *sample_out)
+        derivatives = record.head_derivatives[position]
+        if derivatives is not None:
+            at_outputs[position] = current
+            current = current * derivatives[0].unsqueeze(1)
+        elif isinstance(layer, BATCHNORMS):
+            units = _canonical(sample_in)
+            scaled = current.reshape(batch, scalars, *units) * _batchnorm_scale(layer, units)
+            current = scaled.reshape(batch, scalars, *sample_in)
+        elif isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+            conv_input = conv1d_input if isinstance(layer, nn.Conv1d) else conv2d_input
+            current = conv_input(  # type: ignore[no-untyped-call]
+                [batch * scalars, *sample_in],
+                layer.weight,
+                current.reshape(batch * scalars, *sample_out),
+                stride=layer.stride,
+                padding=layer.padding,
+            )
+        elif isinstance(layer, (nn.AvgPool1d, nn.AvgPool2d)):
+            with torch.enable_grad():
+                probe = torch.zeros(
+                    batch * scalars, *sample_in, dtype=current.dtype, device=current.device
+                ).requires_grad_(True)
+                pooled = layer(probe)
+                (current,) = torch.autograd.grad(pooled, probe, current.reshape(pooled.shape))
+    return current.reshape(batch, scalars, -1), at_outputs
+
+
+def _pulled_back(patches: Patches, weight: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``A = W J_u`` as ``[B or 1, h, n]``: the rows of ``W`` (identity when None) pulled
+    back through the head's patch Jacobian onto the input."""
+    if patches.identity:
+        if weight is None:
+            return torch.eye(n, dtype=patches.values.dtype, device=patches.values.device)[None]
+        return weight.unsqueeze(0)
+    values = patches.values
+    batch, channels, height, width = values.shape[:4]
+    positions, k = height * width, patches.patch
+    local = values.reshape(batch, channels, positions, k)
+    index, valid = patches.indices()
+    if weight is None:  # dense J_u: one row per head-output unit
+        rows = channels * positions
+        source = (local * valid).reshape(batch, rows, k)
+        flat = (torch.arange(rows, device=values.device).reshape(rows, 1) * n).reshape(
+            channels, positions, 1
+        )
+        flat = (flat + index.unsqueeze(0)).reshape(-1)
+        result = values.new_zeros(batch, rows * n)
+        result.index_add_(1, flat, source.reshape(batch, -1))
+        return result.reshape(batch, rows, n)
+    h = weight.shape[0]
+    rows_by_unit = weight.reshape(h, channels, positions)
+    source = torch.einsum("hcp,bcpk->bhpk", rows_by_unit, local) * valid
+    result = values.new_zeros(batch, h, n)
+    result.index_add_(2, index.reshape(-1), source.reshape(batch, h, -1))
+    return result
+
+
+def _add_blocks(
+    hessian_flat: torch.Tensor, patches: Patches, coefficient: torch.Tensor, n: int
+) -> None:
+    """``H += J^T diag(c) J`` for one elementwise layer, as receptive-field blocks.
+
+    ``coefficient`` is ``[B, k, C, H, W]``; each position's ``K x K`` block is
+    ``L_p^T diag(c_p) L_p`` over the channels and is scattered into ``H`` at the
+    position's input patch.
+    """
+    values = patches.values
+    batch, scalars = coefficient.shape[:2]
+    channels, height, width = values.shape[1:4]
+    positions, k = height * width, patches.patch
+    local = values.reshape(values.shape[0], channels, positions, k)
+    weighted = coefficient.reshape(batch, scalars, channels, positions, 1) * local.unsqueeze(1)
+    blocks = torch.einsum("bscpi,bcpj->bspij", weighted, local.expand(batch, -1, -1, -1))
+    index, valid = patches.indices()
+    mask = (valid.unsqueeze(2) & valid.unsqueeze(1)).to(blocks.dtype)
+    pairs = (index.unsqueeze(2) * n + index.unsqueeze(1)).reshape(-1)
+    hessian_flat.index_add_(1, pairs, (blocks * mask).reshape(batch * scalars, -1))
+
+
+def _tail_backward(
+    network: Network, record: _Forward, gradient: torch.Tensor, curvature: _Curvature
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradient and curvature down the tail, stopping at the first Linear's output.
+
+    Returns the gradient at the head's output ``[B, k, d]`` and the first Linear's
+    weight (None when the tail is empty).
+    """
+    tail, inputs = network.tail, record.tail_inputs
+    for layer, layer_input in zip(reversed(tail[1:]), reversed(inputs[1:]), strict=True):
+        if isinstance(layer, nn.Linear):
+            curvature.through_linear(layer.weight)
+            gradient = gradient @ layer.weight
+        elif isinstance(layer, nn.BatchNorm1d):
+            factor = _batchnorm_scale(layer, (layer_input.shape[1], 1, 1)).reshape(1, 1, -1)
+            curvature.scale(factor)
+            gradient = gradient * factor
+        elif isinstance(layer, ELEMENTWISE):
+            first, second = elementwise_derivatives(layer, layer_input)
+            first, second = first.unsqueeze(1), second.unsqueeze(1)
+            curvature.scale(first)
+            if bool(second.any()):
+                curvature.add_diagonal(gradient * second)
+            gradient = gradient * first
+    if not tail:
+        return gradient, None
+    first_linear = tail[0]
+    assert isinstance(first_linear, nn.Linear)
+    return gradient @ first_linear.weight, first_linear.weight
+
+
+def _top(
+    output: torch.Tensor,
+    indices: torch.Tensor | None,
+    objective: ObjectiveFn | None,
+    targets: torch.Tensor,
+) -> tuple[torch.Tensor, _Curvature]:
+    """Gradient ``[B, k, m]`` and curvature of the selected scalars w.r.t. the output."""
+    batch = output.shape[0]
+    if objective is None:
+        assert indices is not None
+        eye = torch.eye(output.shape[1], dtype=output.dtype, device=output.device)
+        return eye[indices.to(output.device)].expand(batch, -1, -1), _Curvature()
+    gradient = vmap(grad(objective))(output, targets).unsqueeze(1)
+    return gradient, _Curvature(dense=vmap(hessian(objective))(output, targets).unsqueeze(1))
+
+
+def hessian_of(
+    network: Network,
     x: torch.Tensor,
     *,
     indices: torch.Tensor | None,
     objective: ObjectiveFn | None,
     targets: torch.Tensor,
-) -> torch.Tensor:
-    """Input Hessians ``[B, k, n, n]`` of ``k`` raw outputs, or of one objective (k = 1)."""
-    batch = x.shape[0]
-    activation = x.reshape(batch, -1)
-    inputs: list[torch.Tensor] = []
-    for layer in network:
-        inputs.append(activation)
-        if not isinstance(layer, (nn.Flatten, nn.Identity, nn.Dropout)):
-            activation = layer(activation)
-    output = activation  # [B, m]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input Hessians ``[B, k, n, n]`` of ``k`` raw outputs or one objective, and the
+    model's output ``[B, m]``."""
+    batch, n = x.shape[0], x[0].numel()
+    record = forward(network, x, track_patches=True)
+    assert record.patches is not None
+    gradient, curvature = _top(record.output, indices, objective, targets)
+    scalars = gradient.shape[1]
+    gradient, first_weight = _tail_backward(network, record, gradient, curvature)
+    result = curvature.sandwich(_pulled_back(record.patches, first_weight, n))
+    if result is None or result.shape[0] != batch:
+        zeros = x.new_zeros(batch, scalars, n, n)
+        result = zeros if result is None else zeros + result
+    _, at_outputs = _head_backward(network, record, gradient)
+    flat = result.reshape(batch * scalars, n * n)
+    for patches, derivatives, upstream in zip(
+        record.head_patches, record.head_derivatives, at_outputs, strict=True
+    ):
+        if patches is None or upstream is None or derivatives is None:
+            continue
+        second = derivatives[1]
+        if not bool(second.any()):
+            continue  # piecewise linear: no curvature of its own
+        units = patches.units
+        coefficient = upstream.reshape(batch, scalars, *units) * second.reshape(batch, 1, *units)
+        _add_blocks(flat, patches, coefficient, n)
+    return flat.reshape(batch, scalars, n, n), record.output
 
-    curvature = _Curvature()
-    if objective is None:
-        assert indices is not None
-        eye = torch.eye(output.shape[1], dtype=output.dtype, device=output.device)
-        gradient = eye[indices.to(output.device)].expand(batch, -1, -1)  # [B, k, m]
-    else:
-        gradient = vmap(grad(objective))(output, targets).unsqueeze(1)  # [B, 1, m]
-        curvature.dense = vmap(hessian(objective))(output, targets).unsqueeze(1)
 
-    for layer, layer_input in zip(reversed(network), reversed(inputs), strict=True):
-        if isinstance(layer, nn.Linear):
-            curvature.through_linear(layer.weight)
-            gradient = gradient @ layer.weight
-        elif isinstance(layer, nn.BatchNorm1d):
-            factor = _batchnorm_scale(layer, layer_input).reshape(1, 1, -1)
-            curvature.scale(factor)
-            gradient = gradient * factor
-        elif isinstance(layer, ELEMENTWISE):
-            first, second = _elementwise_derivatives(layer, layer_input)
-            first, second = first.unsqueeze(1), second.unsqueeze(1)  # [B, 1, d]
-            curvature.scale(first)
-            if bool(second.any()):
-                curvature.add_diagonal(gradient * second)
-            gradient = gradient * first
-    n = activation.shape[1] if not inputs else inputs[0].shape[1]
-    return curvature.materialize((batch, gradient.shape[1], n, n), x)
+def jacobian_of(
+    network: Network, x: torch.Tensor, *, indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input Jacobians ``[B, k, n]`` of the selected raw outputs, and the output ``[B, m]``,
+    by one batched backward pass of the ``k`` one-hot rows."""
+    record = forward(network, x, track_patches=False)
+    gradient, curvature = _top(record.output, indices, None, x.new_zeros(x.shape[0]))
+    gradient, _ = _tail_backward(network, record, gradient, curvature)
+    rows, _ = _head_backward(network, record, gradient)
+    return rows, record.output

@@ -37,11 +37,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float) -> N
     )
 
 
-def test_hessian_of_each_output_matches_autograd(case: Case) -> None:
+METHODS = pytest.mark.parametrize("method", ["auto", "generic"])
+
+
+@METHODS
+def test_hessian_of_each_output_matches_autograd(case: Case, method: str) -> None:
     model, x = build_case(case)
     n = x[0].numel()
     indices = list(range(case.outputs))
-    result = engine.hessian(model, x, output_index=indices)
+    result = engine.hessian(model, x, output_index=indices, method=method)
     assert result.shape == (x.shape[0], case.outputs, n, n)
     assert result.dtype == torch.float64 and not result.requires_grad
     for b in range(x.shape[0]):
@@ -49,9 +53,10 @@ def test_hessian_of_each_output_matches_autograd(case: Case) -> None:
             assert_close(result[b, k], reference_hessian(scalar_of(model, k), x[b]), EXACT)
 
 
-def test_hessian_matches_finite_differences(case: Case) -> None:
+@METHODS
+def test_hessian_matches_finite_differences(case: Case, method: str) -> None:
     model, x = build_case(case, seed=1, batch=1)
-    result = engine.hessian(model, x, output_index=0)
+    result = engine.hessian(model, x, output_index=0, method=method)
     assert_close(result[0], finite_difference_hessian(scalar_of(model, 0), x[0]), 1e-6)
 
 
@@ -74,10 +79,11 @@ def _objective_references(model: nn.Module, m: int) -> list[tuple[Objective, obj
     ]
 
 
-def test_each_objective_matches_autograd_of_torch_losses(case: Case) -> None:
+@METHODS
+def test_each_objective_matches_autograd_of_torch_losses(case: Case, method: str) -> None:
     model, x = build_case(case, seed=2, batch=2)
     for objective, reference in _objective_references(model, case.outputs):
-        result = engine.hessian(model, x, objective=objective)
+        result = engine.hessian(model, x, objective=objective, method=method)
         for b in range(x.shape[0]):
             assert_close(result[b], reference_hessian(reference, x[b]), EXACT)  # type: ignore[arg-type]
 
@@ -95,10 +101,11 @@ def test_per_sample_objective_targets_are_not_mixed() -> None:
         assert_close(result[b], reference, EXACT)
 
 
-def test_jacobian_matches_autograd_in_reverse_and_forward_mode(case: Case) -> None:
+@METHODS
+def test_jacobian_matches_autograd_in_reverse_and_forward_mode(case: Case, method: str) -> None:
     model, x = build_case(case)
     n = x[0].numel()
-    result = engine.jacobian(model, x)
+    result = engine.jacobian(model, x, method=method)
     assert result.shape == (x.shape[0], case.outputs, n)
     for b in range(x.shape[0]):
         reference = torch.autograd.functional.jacobian(
@@ -188,12 +195,14 @@ def test_small_memory_budget_chunks_without_changing_the_result() -> None:
         ),
         batch=3,
     )
-    roomy = engine.compute_hessian(model, x, output_index=1)
-    tight = engine.compute_hessian(model, x, output_index=1, memory_budget_bytes=20_000)
+    roomy = engine.compute_hessian(model, x, output_index=1, method="generic")
+    tight = engine.compute_hessian(
+        model, x, output_index=1, memory_budget_bytes=20_000, method="generic"
+    )
     assert roomy.plan.basis_chunk == 25 and roomy.plan.batch_chunk == 3
     assert tight.plan.basis_chunk < 25 and tight.plan.batch_chunk == 1
     assert_close(tight.matrix, roomy.matrix, 1e-13)
-    jac_tight = engine.compute_jacobian(model, x, memory_budget_bytes=5_000)
+    jac_tight = engine.compute_jacobian(model, x, memory_budget_bytes=5_000, method="generic")
     assert jac_tight.plan.basis_chunk < 3
     assert_close(jac_tight.matrix, engine.jacobian(model, x), 1e-13)
 

@@ -1,4 +1,5 @@
-"""The structured (backward curvature) path equals the generic torch.func path.
+"""The structured path (backward curvature, receptive-field blocks) equals the generic
+torch.func path.
 
 float64, absolute tolerance 1e-10, on a seeded table (depths 1 to 5, layers narrower and
 wider than the input, each supported layer and non-linearity, each objective) and on
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -61,7 +62,7 @@ def objectives() -> list[Objective | None]:
 def assert_paths_agree(model: nn.Module, x: torch.Tensor, objective: Objective | None) -> None:
     index = [0, 2] if objective is None else None
     fast = engine.compute_hessian(model, x, output_index=index, objective=objective)
-    assert fast.method == "structured:backward"
+    assert fast.method == "structured"
     slow = engine.compute_hessian(
         model, x, output_index=index, objective=objective, method="generic"
     )
@@ -90,8 +91,11 @@ def test_flatten_of_image_input_and_bundled_shapes() -> None:
 
 
 def test_unsupported_networks_fall_back_to_the_generic_path() -> None:
-    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 2))
+    conv = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2, 2)
+    )
     assert not supports(conv, (1, 4, 4))
+    assert not supports(nn.Sequential(nn.Conv2d(1, 2, 3, dilation=2), nn.Tanh()), (1, 6, 6))
     assert not supports(nn.Linear(4, 2), (2, 4))  # Linear on a non-flat sample
     assert not supports(nn.Sequential(nn.Linear(4, 4), nn.Dropout()).train(), (4,))
     result = engine.compute_hessian(
@@ -132,4 +136,151 @@ def test_random_supported_networks(
     torch.manual_seed(seed)
     model = network(n, widths, activation, batchnorm)
     x = torch.randn(2, n, dtype=torch.float64)
+    assert_paths_agree(model, x, objective)
+
+
+def cnn(
+    channels: int,
+    convs: list[tuple[int, int, int, int]],
+    activation: type[nn.Module],
+    *,
+    pool: bool,
+    batchnorm: bool,
+    size: int,
+    tail: list[int],
+) -> tuple[nn.Module, tuple[int, ...]]:
+    """A CNN on ``[channels, size, size]``: convs given as (out, kernel, stride, padding)."""
+    layers: list[nn.Module] = []
+    previous, spatial = channels, size
+    for out, kernel, stride, padding in convs:
+        layers.append(nn.Conv2d(previous, out, kernel, stride=stride, padding=padding))
+        spatial = (spatial + 2 * padding - kernel) // stride + 1
+        if batchnorm:
+            norm = nn.BatchNorm2d(out)
+            norm.running_mean.uniform_(-0.3, 0.3)
+            norm.running_var.uniform_(0.5, 2.0)
+            layers.append(norm)
+        layers.append(activation())
+        previous = out
+    if pool and spatial >= 2:
+        layers.append(nn.AvgPool2d(2, padding=spatial % 2))
+        spatial = (spatial + 2 * (spatial % 2) - 2) // 2 + 1
+    layers.append(nn.Flatten())
+    width = previous * spatial * spatial
+    for hidden in tail:
+        layers += [nn.Linear(width, hidden), activation()]
+        width = hidden
+    layers.append(nn.Linear(width, 3))
+    model = nn.Sequential(*layers).double().eval().requires_grad_(False)
+    return model, (channels, size, size)
+
+
+CNNS = {
+    "digits_like": dict(
+        channels=1, convs=[(3, 3, 1, 1), (4, 3, 2, 1)], pool=False, batchnorm=False, size=7, tail=[]
+    ),
+    "pool_bn": dict(channels=2, convs=[(3, 3, 1, 0)], pool=True, batchnorm=True, size=6, tail=[5]),
+    "deep_strided": dict(
+        channels=1,
+        convs=[(2, 3, 1, 1), (3, 2, 2, 0), (2, 3, 1, 1)],
+        pool=False,
+        batchnorm=False,
+        size=8,
+        tail=[4, 3],
+    ),
+    "wide_kernel": dict(
+        channels=3, convs=[(4, 5, 2, 2)], pool=True, batchnorm=False, size=7, tail=[]
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "activation", [nn.Tanh, nn.Softplus, nn.SiLU, nn.ReLU], ids=lambda a: a.__name__
+)
+@pytest.mark.parametrize("name", sorted(CNNS))
+def test_structured_cnn_equals_generic(name: str, activation: type[nn.Module]) -> None:
+    torch.manual_seed(7)
+    model, shape = cnn(activation=activation, **CNNS[name])  # type: ignore[arg-type]
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    for objective in objectives():
+        assert_paths_agree(model, x, objective)
+
+
+def test_conv1d_avgpool1d_and_a_network_without_tail() -> None:
+    torch.manual_seed(8)
+    conv1d = (
+        nn.Sequential(
+            nn.Conv1d(2, 3, 3, padding=1),
+            nn.GELU(),
+            nn.AvgPool1d(2),
+            nn.Conv1d(3, 3, 2),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(9, 3),
+        )
+        .double()
+        .eval()
+        .requires_grad_(False)
+    )
+    assert_paths_agree(conv1d, torch.randn(2, 2, 8, dtype=torch.float64), None)
+    headless = nn.Sequential(nn.Conv2d(1, 1, 2), nn.Sigmoid(), nn.Flatten()).double().eval()
+    headless.requires_grad_(False)
+    x = torch.randn(2, 1, 3, 3, dtype=torch.float64)
+    for objective in [None, Objective("sum"), Objective("cross_entropy", target=torch.tensor(1))]:
+        index = [0, 3] if objective is None else None
+        fast = engine.compute_hessian(headless, x, output_index=index, objective=objective)
+        slow = engine.compute_hessian(
+            headless, x, output_index=index, objective=objective, method="generic"
+        )
+        assert fast.method == "structured"
+        assert float((fast.matrix - slow.matrix).abs().max()) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", sorted(CNNS))
+def test_structured_jacobian_equals_generic(name: str) -> None:
+    torch.manual_seed(9)
+    model, shape = cnn(activation=nn.Tanh, **CNNS[name])  # type: ignore[arg-type]
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    for index in (None, 1, [2, 0]):
+        fast = engine.compute_jacobian(model, x, output_index=index)
+        slow = engine.compute_jacobian(model, x, output_index=index, method="generic")
+        assert fast.method == "structured" and slow.method.startswith("generic")
+        assert float((fast.matrix - slow.matrix).abs().max()) <= TOLERANCE
+        assert torch.allclose(fast.output, slow.output, rtol=0, atol=1e-14)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    channels=st.integers(1, 3),
+    convs=st.lists(
+        st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.integers(0, 1)),
+        min_size=1,
+        max_size=3,
+    ),
+    activation=st.sampled_from(ACTIVATIONS),
+    pool=st.booleans(),
+    batchnorm=st.booleans(),
+    tail=st.lists(st.integers(1, 5), max_size=2),
+    objective=st.sampled_from(objectives()),
+    seed=st.integers(0, 2**16),
+)
+def test_random_supported_cnns(
+    channels: int,
+    convs: list[tuple[int, int, int, int]],
+    activation: type[nn.Module],
+    pool: bool,
+    batchnorm: bool,
+    tail: list[int],
+    objective: Objective | None,
+    seed: int,
+) -> None:
+    spatial = 9
+    for _, kernel, stride, padding in convs:
+        spatial = (spatial + 2 * padding - kernel) // stride + 1
+        assume(spatial >= 1)
+    torch.manual_seed(seed)
+    model, shape = cnn(
+        channels, convs, activation, pool=pool, batchnorm=batchnorm, size=9, tail=tail
+    )
+    x = torch.randn(2, *shape, dtype=torch.float64)
     assert_paths_agree(model, x, objective)
