@@ -52,6 +52,10 @@ PASS_THROUGH: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout)
 BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 SPATIAL: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.AvgPool1d, nn.AvgPool2d)
 
+# Up to this many rows of the first Linear are pulled back through the head by
+# broadcasting; more go through einsum's batched matmul (measured on 2 CPU cores).
+SMALL_HEAD_ROWS = 32
+
 # One sample's flattened output and its target row -> the objective's scalar value.
 ObjectiveFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -142,9 +146,20 @@ def supports(model: nn.Module, sample_shape: tuple[int, ...]) -> bool:
 def elementwise_derivatives(layer: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``sigma'(z)`` and ``sigma''(z)`` of an elementwise module, by double backward.
 
-    Elementwise means a diagonal Jacobian, so the gradient of ``sum(sigma(z))`` is exactly
-    ``sigma'(z)`` and the gradient of ``sum(sigma'(z))`` is ``sigma''(z)``.
+    Closed forms for tanh, sigmoid and ReLU; otherwise double backward: elementwise means
+    a diagonal Jacobian, so the gradient of ``sum(sigma(z))`` is exactly ``sigma'(z)`` and
+    the gradient of ``sum(sigma'(z))`` is ``sigma''(z)``.
     """
+    if type(layer) is nn.Tanh:
+        t = torch.tanh(z)
+        first = 1 - t * t
+        return first, -2 * t * first
+    if type(layer) is nn.Sigmoid:
+        s = torch.sigmoid(z)
+        first = s * (1 - s)
+        return first, first * (1 - 2 * s)
+    if type(layer) is nn.ReLU:
+        return (z > 0).to(z.dtype), torch.zeros_like(z)
     with torch.enable_grad():
         at = z.detach().requires_grad_(True)
         (first,) = torch.autograd.grad(layer(at).sum(), at, create_graph=True)
@@ -177,6 +192,11 @@ def _canonical(shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
     raise ValueError(f"structured: unsupported sample shape {tuple(shape)}")
 
 
+# Patch geometry depends only on shapes, so its index tensors are cached across calls.
+_INDEX_CACHE: dict[tuple[object, ...], torch.Tensor] = {}
+_PAIRS_CACHE: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 @dataclass
 class Patches:
     """The Jacobian of a head activation ``[C, H, W]`` with respect to the input.
@@ -192,6 +212,8 @@ class Patches:
     stride: tuple[int, int] = (1, 1)
     offset: tuple[int, int] = (0, 0)
     identity: bool = True
+    _indices: torch.Tensor | None = field(default=None, repr=False)
+    _pairs: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def of_input(cls, units: tuple[int, int, int], like: torch.Tensor) -> Patches:
@@ -228,25 +250,35 @@ class Patches:
         kh, kw = kernel
         (sh, sw), (ph, pw), (oh, ow) = stride, padding, out_hw
         Sh, Sw = self.stride
-        values = self.values
-        if values.shape[0] == 1 and values.stride(0) == 0:
-            values = values.contiguous()
-        padded = F.pad(values, (0, 0, 0, 0, 0, 0, pw, pw, ph, ph))
-        c0, rh, rw = values.shape[4:]
-        out_channels = values.shape[1] if weight is None else weight.shape[0]
-        new = values.new_zeros(
-            values.shape[0], out_channels, oh, ow, c0, rh + (kh - 1) * Sh, rw + (kw - 1) * Sw
+        batch, channels, height, width, c0, rh, rw = self.values.shape
+        patch, taps, positions = c0 * rh * rw, kh * kw, oh * ow
+        # Every output unit's window of input units, patches as channels: [b, C, K, taps, P'].
+        as_image = self.values.permute(0, 1, 4, 5, 6, 2, 3).reshape(
+            batch, channels * patch, height, width
         )
-        for i in range(kh):
-            for j in range(kw):
-                window = padded[
-                    :, :, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw
-                ]
-                if weight is None:
-                    contribution = window / (kh * kw)
-                else:
-                    contribution = torch.einsum("oc,bchwkyx->bohwkyx", weight[:, :, i, j], window)
-                new[..., i * Sh : i * Sh + rh, j * Sw : j * Sw + rw] += contribution
+        windows = F.unfold(as_image, (kh, kw), padding=(ph, pw), stride=(sh, sw))
+        windows = windows.reshape(batch, channels, patch, taps, positions)
+        if weight is None:  # average pooling: per channel, equal weights
+            mixed = windows.permute(0, 1, 4, 2, 3) / taps
+        else:
+            mixed = torch.einsum(
+                "ocq,bckqp->bopkq", weight.reshape(weight.shape[0], -1, taps), windows
+            )
+        # Each tap's patch lands at offset (Sh * i, Sw * j) of the grown patch.
+        grown = (rh + (kh - 1) * Sh, rw + (kw - 1) * Sw)
+        device = self.values.device
+        rows = (torch.arange(kh, device=device) * Sh).reshape(kh, 1, 1, 1) + torch.arange(
+            rh, device=device
+        ).reshape(1, 1, rh, 1)
+        cols = (torch.arange(kw, device=device) * Sw).reshape(1, kw, 1, 1) + torch.arange(
+            rw, device=device
+        ).reshape(1, 1, 1, rw)
+        target = (rows * grown[1] + cols).reshape(-1)  # (tap, a, b) -> grown flat index
+        units = mixed.shape[0] * mixed.shape[1] * positions
+        source = mixed.reshape(units, c0, rh * rw, taps).transpose(2, 3).reshape(units, c0, -1)
+        folded = source.new_zeros(units, c0, grown[0] * grown[1])
+        folded.index_add_(2, target, source)
+        new = folded.reshape(batch, mixed.shape[1], oh, ow, c0, *grown)
         return Patches(
             new,
             self.input_units,
@@ -255,11 +287,37 @@ class Patches:
             identity=False,
         )
 
-    def indices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat input index of every patch entry ``[P, K]``, and whether it is a real input.
+    def indices(self) -> torch.Tensor:
+        """Flat input index of every patch entry, ``[P, K]``.
 
-        Entries that fall into the padding are marked invalid (index 0, to be added as 0).
+        Entries over the zero padding hold exactly zero (the padding's zeros propagate
+        through every layer), so they are pointed at index 0, where adding them is a no-op.
         """
+        if self._indices is None:
+            key: tuple[object, ...] = (self.input_units, self.stride, self.offset)
+            key += (tuple(self.values.shape[1:]), str(self.values.device))
+            if key not in _INDEX_CACHE:
+                if len(_INDEX_CACHE) >= 64:
+                    _INDEX_CACHE.clear()
+                _INDEX_CACHE[key] = self._compute_indices()
+            self._indices = _INDEX_CACHE[key]
+        return self._indices
+
+    def pairs(self, n: int) -> torch.Tensor:
+        """Flat index into an ``n x n`` matrix of every entry of every position's
+        ``K x K`` block, ``[P * K * K]``."""
+        if self._pairs is None:
+            index = self.indices()
+            key = (id(index), n)
+            if key not in _PAIRS_CACHE or _PAIRS_CACHE[key][0] is not index:
+                if len(_PAIRS_CACHE) >= 64:
+                    _PAIRS_CACHE.clear()
+                pairs = (index.unsqueeze(2) * n + index.unsqueeze(1)).reshape(-1)
+                _PAIRS_CACHE[key] = (index, pairs)
+            self._pairs = _PAIRS_CACHE[key][1]
+        return self._pairs
+
+    def _compute_indices(self) -> torch.Tensor:
         c0, hin, win = self.input_units
         _, _, height, width, _, rh, rw = self.values.shape
         device = self.values.device
@@ -274,7 +332,7 @@ class Patches:
         flat = torch.where(
             valid, flat.expand(height, width, c0, rh, rw).reshape(height * width, -1), 0
         )
-        return flat, valid
+        return flat
 
 
 @dataclass
@@ -443,10 +501,10 @@ def _pulled_back(patches: Patches, weight: torch.Tensor | None, n: int) -> torch
     batch, channels, height, width = values.shape[:4]
     positions, k = height * width, patches.patch
     local = values.reshape(batch, channels, positions, k)
-    index, valid = patches.indices()
+    index = patches.indices()
     if weight is None:  # dense J_u: one row per head-output unit
         rows = channels * positions
-        source = (local * valid).reshape(batch, rows, k)
+        source = local.reshape(batch, rows, k)
         flat = (torch.arange(rows, device=values.device).reshape(rows, 1) * n).reshape(
             channels, positions, 1
         )
@@ -456,7 +514,10 @@ def _pulled_back(patches: Patches, weight: torch.Tensor | None, n: int) -> torch
         return result.reshape(batch, rows, n)
     h = weight.shape[0]
     rows_by_unit = weight.reshape(h, channels, positions)
-    source = torch.einsum("hcp,bcpk->bhpk", rows_by_unit, local) * valid
+    if h <= SMALL_HEAD_ROWS:  # tiny per-position products: broadcasting beats batched matmul
+        source = (rows_by_unit.unsqueeze(0).unsqueeze(-1) * local.unsqueeze(1)).sum(2)
+    else:
+        source = torch.einsum("hcp,bcpk->bhpk", rows_by_unit, local)
     result = values.new_zeros(batch, h, n)
     result.index_add_(2, index.reshape(-1), source.reshape(batch, h, -1))
     return result
@@ -478,10 +539,7 @@ def _add_blocks(
     local = values.reshape(values.shape[0], channels, positions, k)
     weighted = coefficient.reshape(batch, scalars, channels, positions, 1) * local.unsqueeze(1)
     blocks = torch.einsum("bscpi,bcpj->bspij", weighted, local.expand(batch, -1, -1, -1))
-    index, valid = patches.indices()
-    mask = (valid.unsqueeze(2) & valid.unsqueeze(1)).to(blocks.dtype)
-    pairs = (index.unsqueeze(2) * n + index.unsqueeze(1)).reshape(-1)
-    hessian_flat.index_add_(1, pairs, (blocks * mask).reshape(batch * scalars, -1))
+    hessian_flat.index_add_(1, patches.pairs(n), blocks.reshape(batch * scalars, -1))
 
 
 def _tail_backward(
