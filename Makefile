@@ -47,7 +47,7 @@ pytest: setup-dev browser
 test: lint pytest
 
 bench: setup-dev
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -220,14 +220,7 @@ def compute_hessian(
             matrix, flat_output = _in_chunks(
                 plan.batch_chunk, x, _targets(selection, batch, m, x), structured_chunk
             )
-        return DerivativeResult(
-            matrix=matrix,
-            output=_shaped_output(model, x, flat_output),
-            method=plan.method,
-            plan=plan,
-            curvature=classify(model),
-            squeeze_scalars=selection.squeeze,
-        )
+        return _result(model, matrix, _shaped_output(model, x, flat_output), plan, selection)
     output, activation_numel = _forward(model, x)
     m = int(output[0].numel())
     selection = _select("hessian", output_index, objective, m, default_all=False)
@@ -247,14 +240,7 @@ def compute_hessian(
         except NotImplementedError:  # an operator without forward-mode AD of its backward
             plan = replace(plan, method="generic:reverse-over-reverse")
             matrix = generic.hessian(scalars, x, targets, plan)
-    return DerivativeResult(
-        matrix=matrix,
-        output=output,
-        method=plan.method,
-        plan=plan,
-        curvature=classify(model),
-        squeeze_scalars=selection.squeeze,
-    )
+    return _result(model, matrix, output, plan, selection)
 
 
 def compute_jacobian(
@@ -299,14 +285,7 @@ def compute_jacobian(
                 matrix, flat_output = _in_chunks(
                     plan.batch_chunk, x, x.new_zeros(batch), structured_chunk
                 )
-            return DerivativeResult(
-                matrix=matrix,
-                output=_shaped_output(model, x, flat_output),
-                method=plan.method,
-                plan=plan,
-                curvature=classify(model),
-                squeeze_scalars=selection.squeeze,
-            )
+            return _result(model, matrix, _shaped_output(model, x, flat_output), plan, selection)
     output, activation_numel = _forward(model, x)
     m = int(output[0].numel())
     selection = _select("jacobian", output_index, objective, m, default_all=True)
@@ -329,6 +308,12 @@ def compute_jacobian(
                 plan, method="generic:reverse", basis_chunk=min(plan.basis_chunk, selection.count)
             )
             matrix = generic.jacobian(scalars, x, targets, plan)
+    return _result(model, matrix, output, plan, selection)
+
+
+def _result(
+    model: nn.Module, matrix: torch.Tensor, output: torch.Tensor, plan: Plan, selection: _Selection
+) -> DerivativeResult:
     return DerivativeResult(
         matrix=matrix,
         output=output,

@@ -1,0 +1,361 @@
+"""Benchmark: our engine against the usual ways to get input Hessians and Jacobians.
+
+Everything is measured in ONE run, on this machine: medians of repeated calls (each
+method is warmed up first), ratios against every baseline, the max abs error against a
+float64 reference (``torch.func.hessian`` / ``jacrev`` in float64), the peak memory a
+call adds to the process (RSS sampled every millisecond), and the structured path's
+achieved GFLOP/s (FLOPs counted by ``torch.utils.flop_counter``) against the matmul peak
+measured in the same run. Then one /hessian request through a real uvicorn server on
+127.0.0.1, in JSON and in base64, against the engine alone. The last line printed is one
+JSON object with every figure.
+
+Run: ``make bench`` (or ``python -m bench.run [--quick]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.func import hessian as func_hessian
+from torch.func import jacrev, vmap
+from torch.utils.flop_counter import FlopCounterMode
+
+from app import engine
+from app.config import BUNDLED_MODELS_DIR
+from app.zoo import build
+
+OUTPUT_INDEX = 2
+
+
+def bundled(name: str) -> nn.Module:
+    model = build(name)
+    model.load_state_dict(load_file(str(BUNDLED_MODELS_DIR / name / "weights.safetensors")))
+    return model.eval().requires_grad_(False)
+
+
+def wide_cnn() -> nn.Module:
+    """A wider CNN on 3x32x32 (n = 3072), seeded weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(32 * 16 * 16, 10),
+    )
+    return model.eval().requires_grad_(False)
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "mlp_tanh": (lambda: bundled("mlp_tanh"), (1, 28, 28)),
+    "digits_cnn": (lambda: bundled("digits_cnn"), (1, 28, 28)),
+    "wide_cnn": (wide_cnn, (3, 32, 32)),
+}
+
+
+class PeakMemory:
+    """Peak resident memory added while the block runs, sampled every millisecond."""
+
+    def __init__(self) -> None:
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * self._page
+
+    def _sample(self, base: int) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self._rss() - base)
+            time.sleep(0.001)
+
+    def __enter__(self) -> PeakMemory:
+        base = self._rss()
+        self._thread = threading.Thread(target=self._sample, args=(base,), daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def median_ms(fn: Callable[[], object], *, repeats: int, budget_s: float) -> float:
+    """Median wall time of ``fn`` after one warm-up call, bounded by a time budget."""
+    fn()
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < repeats and (not times or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def matmul_peak_gflops(dtype: torch.dtype) -> float:
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+    ms = median_ms(lambda: a @ b, repeats=15, budget_s=5)
+    return 2 * 1024**3 / (ms / 1000) / 1e9
+
+
+def scalar_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda sample: model(sample.unsqueeze(0)).reshape(-1)[OUTPUT_INDEX]
+
+
+def row_loop_hessian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The classic answer: one autograd.grad call per row of the Hessian."""
+    rows = []
+    for sample in x:
+        at = sample.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (gradient,) = torch.autograd.grad(scalar_fn(model)(at), at, create_graph=True)
+            flat = gradient.reshape(-1)
+            per_sample = [
+                torch.autograd.grad(flat[i], at, retain_graph=True)[0].reshape(-1)
+                for i in range(flat.numel())
+            ]
+        rows.append(torch.stack(per_sample))
+    return torch.stack(rows)
+
+
+def row_loop_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The classic answer for Jacobians: one autograd.grad call per output, per sample."""
+    result = []
+    for sample in x:
+        at = sample.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = model(at.unsqueeze(0)).reshape(-1)
+            result.append(
+                torch.stack(
+                    [
+                        torch.autograd.grad(out[i], at, retain_graph=True)[0].reshape(-1)
+                        for i in range(out.numel())
+                    ]
+                )
+            )
+    return torch.stack(result)
+
+
+@dataclass
+class Measured:
+    ms: float
+    error: float
+    peak_mb: float
+
+
+def measure(
+    fn: Callable[[], torch.Tensor], reference: torch.Tensor, *, repeats: int, budget_s: float
+) -> Measured:
+    with PeakMemory() as memory:
+        result = fn()
+    error = float((result.reshape(reference.shape).double() - reference).abs().max())
+    ms = median_ms(fn, repeats=repeats, budget_s=budget_s)
+    return Measured(ms=ms, error=error, peak_mb=memory.peak_bytes / 2**20)
+
+
+def best_jacrev_chunk(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> int | None:
+    best: tuple[float, int | None] = (float("inf"), None)
+    for chunk in (64, 128, 256, 512, None):
+        fn = jacrev(jacrev(f), chunk_size=chunk)
+        ms = median_ms(lambda fn=fn: fn(x0), repeats=3, budget_s=3)
+        best = min(best, (ms, chunk), key=lambda pair: pair[0])
+    return best[1]
+
+
+def hessian_methods(
+    model: nn.Module, x: torch.Tensor, quick: bool
+) -> dict[str, Callable[[], torch.Tensor]]:
+    f = scalar_fn(model)
+    vmap_chunk = None if x[0].numel() <= 1024 else 4
+    methods: dict[str, Callable[[], torch.Tensor]] = {
+        "ours": lambda: engine.hessian(model, x, output_index=OUTPUT_INDEX),
+        # vmap over the batch; chunked when a whole batch of n x n Hessians would not fit.
+        "torch.func.hessian": lambda: vmap(func_hessian(f), chunk_size=vmap_chunk)(x),
+    }
+    if x.shape[0] > 1:  # batches: vmap(torch.func.hessian) is the baseline
+        return methods
+    chunk = best_jacrev_chunk(f, x[0])
+    methods[f"jacrev(jacrev) chunk={chunk}"] = lambda: jacrev(jacrev(f), chunk_size=chunk)(x[0])
+    methods["autograd.functional.hessian vectorize"] = lambda: torch.autograd.functional.hessian(
+        f, x[0], vectorize=True
+    )
+    if not quick or x[0].numel() <= 784:
+        methods["row loop"] = lambda: row_loop_hessian(model, x)
+        methods["autograd.functional.hessian"] = lambda: torch.autograd.functional.hessian(f, x[0])
+    return methods
+
+
+def hessian_case(
+    name: str,
+    base: nn.Module,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    batch: int,
+    quick: bool,
+    peak: float,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    repeats, budget = (3, 2.0) if quick else (7, 6.0)
+    model = copy.deepcopy(base).to(dtype)
+    reference_model = copy.deepcopy(base).double()
+    torch.manual_seed(1)
+    x = torch.rand(batch, *shape, dtype=dtype)
+    n = x[0].numel()
+    reference = torch.stack(  # sample by sample: a float64 vmap of 32 would not fit in memory
+        [func_hessian(scalar_fn(reference_model))(sample).reshape(n, n) for sample in x.double()]
+    )
+    results = {
+        label: measure(fn, reference, repeats=repeats, budget_s=budget)
+        for label, fn in hessian_methods(model, x, quick).items()
+    }
+    ours = results["ours"]
+    with FlopCounterMode(display=False) as counter:
+        engine.hessian(model, x, output_index=OUTPUT_INDEX)
+    gflops = counter.get_total_flops() / (ours.ms / 1000) / 1e9
+    key = f"{name}/{str(dtype)[6:]}/B{batch}"
+    rows, ratios = [], {}
+    for label, measured in results.items():
+        ratio = measured.ms / ours.ms
+        rows.append(
+            {
+                "case": key,
+                "method": label,
+                "ms_per_hessian": measured.ms / batch,
+                "ratio": ratio,
+                "max_abs_error": measured.error,
+                "peak_mb": measured.peak_mb,
+            }
+        )
+        if label != "ours":
+            ratios[f"hessian/{key}/vs {label.split(' chunk=')[0]}"] = round(ratio, 2)
+    ratios[f"hessian/{key}/ours_ms"] = round(ours.ms, 3)
+    ratios[f"hessian/{key}/ours_fraction_of_matmul_peak"] = round(gflops / peak, 3)
+    print(f"  {key}: ours {ours.ms:.2f} ms, {gflops:.1f} GFLOP/s", flush=True)
+    return rows, ratios
+
+
+def hessian_rows(quick: bool) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    rows: list[dict[str, Any]] = []
+    ratios: dict[str, float] = {}
+    peaks = {dtype: matmul_peak_gflops(dtype) for dtype in (torch.float32, torch.float64)}
+    ratios["matmul_peak_gflops_float32"] = round(peaks[torch.float32], 1)
+    ratios["matmul_peak_gflops_float64"] = round(peaks[torch.float64], 1)
+    for name, (make, shape) in MODELS.items():
+        base = make()
+        for dtype in (torch.float32, torch.float64):
+            for batch in (1, 32):
+                case_rows, case_ratios = hessian_case(
+                    name, base, shape, dtype, batch, quick, peaks[dtype]
+                )
+                rows += case_rows
+                ratios.update(case_ratios)
+    return rows, ratios
+
+
+def jacobian_methods(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    def full(sample: torch.Tensor) -> torch.Tensor:
+        return model(sample.unsqueeze(0)).reshape(-1)
+
+    return {
+        "ours": lambda: engine.jacobian(model, x),
+        "vmap(jacrev)": lambda: vmap(jacrev(full))(x),
+        "row loop": lambda: row_loop_jacobian(model, x),
+    }
+
+
+def jacobian_rows(quick: bool) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    rows: list[dict[str, Any]] = []
+    ratios: dict[str, float] = {}
+    repeats, budget = (3, 2.0) if quick else (9, 4.0)
+    for name in ("mlp_tanh", "digits_cnn"):
+        make, shape = MODELS[name]
+        model = make()
+        reference_model = copy.deepcopy(model).double()
+        for batch in (1, 32):
+            torch.manual_seed(2)
+            x = torch.rand(batch, *shape)
+            reference = engine.jacobian(reference_model, x.double(), method="generic")
+            results = {
+                label: measure(fn, reference, repeats=repeats, budget_s=budget)
+                for label, fn in jacobian_methods(model, x).items()
+            }
+            key = f"{name}/float32/B{batch}"
+            for label, measured in results.items():
+                ratio = measured.ms / results["ours"].ms
+                rows.append(
+                    {
+                        "case": key,
+                        "method": label,
+                        "ms_per_jacobian": measured.ms / batch,
+                        "ratio": ratio,
+                        "max_abs_error": measured.error,
+                        "peak_mb": measured.peak_mb,
+                    }
+                )
+                if label != "ours":
+                    ratios[f"jacobian/{key}/vs {label}"] = round(ratio, 2)
+            print(f"  jacobian {key}: ours {results['ours'].ms:.3f} ms", flush=True)
+    return rows, ratios
+
+
+def http_ratios(quick: bool) -> dict[str, float]:
+    """One digits_cnn /hessian through a real uvicorn server, JSON and base64."""
+    from bench.server import end_to_end
+
+    return end_to_end(repeats=5 if quick else 15)
+
+
+def table(rows: list[dict[str, Any]], time_key: str) -> str:
+    lines = [
+        f"| case | method | {time_key} | ours is x faster | max abs error | peak MB |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['case']} | {row['method']} | {row[time_key]:.3f} | {row['ratio']:.1f} | "
+            f"{row['max_abs_error']:.1e} | {row['peak_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, skip slow loops")
+    parser.add_argument("--skip-http", action="store_true", help="skip the end-to-end part")
+    args = parser.parse_args(argv)
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, MALLOC_MMAP_THRESHOLD_="
+        f"{os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')} MALLOC_TRIM_THRESHOLD_="
+        f"{os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}",
+        flush=True,
+    )
+    hessians, ratios = hessian_rows(args.quick)
+    jacobians, jacobian_ratios = jacobian_rows(args.quick)
+    ratios.update(jacobian_ratios)
+    if not args.skip_http:
+        ratios.update(http_ratios(args.quick))
+    print("\n## Hessians (time per Hessian, ratio = method time / ours)\n")
+    print(table(hessians, "ms_per_hessian"))
+    print("\n## Jacobians (time per Jacobian of all 10 outputs)\n")
+    print(table(jacobians, "ms_per_jacobian"))
+    print()
+    print(json.dumps(ratios, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
