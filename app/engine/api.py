@@ -9,6 +9,8 @@ as in ``torch.func``. The HTTP service calls exactly these functions.
 
 from __future__ import annotations
 
+import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -97,36 +99,66 @@ def _check_input(api: str, model: nn.Module, x: torch.Tensor) -> None:
         raise ValueError(f"{api}: x must hold at least one sample")
 
 
-def _forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The model's output at ``x`` and the activation count of one sample's forward pass."""
+@dataclass(frozen=True)
+class _Probe:
+    """What one forward pass of one sample says about a model: its per-sample output
+    shape and how many activation elements that pass creates (for memory planning)."""
+
+    output_shape: tuple[int, ...]
+    activation_numel: int
+
+
+# Probes depend on the model and the input's shape, dtype and device only; they are kept
+# as long as the model lives, so repeated requests skip the extra forward pass.
+_PROBES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], _Probe]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
+    key = (tuple(x.shape[1:]), x.dtype, x.device)
+    known = _PROBES.setdefault(model, {})
+    if key in known:
+        return known[key]
     numel = 0
 
     def count(_module: nn.Module, _inputs: object, output: object) -> None:
         nonlocal numel
         if isinstance(output, torch.Tensor):
-            numel += output[:1].numel()
+            numel += output.numel()
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad():
-            output = model(x)
+            output = model(x[:1])
     finally:
         for hook in hooks:
             hook.remove()
-    return output, max(numel, int(output[:1].numel()))
+    known[key] = _Probe(tuple(output.shape[1:]), max(numel, int(output.numel())))
+    return known[key]
+
+
+def _selected(out: torch.Tensor, target: torch.Tensor, selection: _Selection) -> torch.Tensor:
+    """The selected scalars ``[k]`` of one sample's flat output."""
+    if selection.objective is None:
+        assert selection.indices is not None
+        return out.index_select(0, selection.indices.to(out.device))
+    value: torch.Tensor = selection.objective.scalar(out, target)
+    return value.unsqueeze(0)
 
 
 def _scalars_fn(model: nn.Module, selection: _Selection) -> generic.ScalarsFn:
-    indices = selection.indices
-    objective = selection.objective
-
     def scalars(sample: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = model(sample.unsqueeze(0)).reshape(-1)
-        if objective is None:
-            assert indices is not None
-            return out.index_select(0, indices.to(out.device))
-        value: torch.Tensor = objective.scalar(out, target)
-        return value.unsqueeze(0)
+        return _selected(out, target, selection)
+
+    return scalars
+
+
+def _scalars_with_output_fn(model: nn.Module, selection: _Selection) -> generic.ScalarsWithOutputFn:
+    def scalars(sample: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out: torch.Tensor = model(sample.unsqueeze(0)).reshape(-1)
+        return _selected(out, target, selection), out.detach()
 
     return scalars
 
@@ -144,8 +176,7 @@ def _check_method(api: str, method: str, methods: tuple[str, ...]) -> None:
 
 
 def _output_count(model: nn.Module, x: torch.Tensor) -> int:
-    with torch.no_grad():
-        return int(model(x[:1]).numel())
+    return math.prod(_probe(model, x).output_shape)
 
 
 def _structured_network(
@@ -221,13 +252,15 @@ def compute_hessian(
                 plan.batch_chunk, x, _targets(selection, batch, m, x), structured_chunk
             )
         return _result(model, matrix, _shaped_output(model, x, flat_output), plan, selection)
-    output, activation_numel = _forward(model, x)
-    m = int(output[0].numel())
+    probe = _probe(model, x)
+    with torch.no_grad():
+        output = model(x)
+    m = math.prod(probe.output_shape)
     selection = _select("hessian", output_index, objective, m, default_all=False)
     plan = plan_hessian(
         n=n,
         batch=batch,
-        activation_numel=activation_numel,
+        activation_numel=probe.activation_numel,
         itemsize=x.element_size(),
         memory_budget_bytes=memory_budget_bytes,
         num_scalars=selection.count,
@@ -262,8 +295,13 @@ def compute_jacobian(
     _check_method("jacobian", method, JACOBIAN_METHODS)
     network = _structured_network("jacobian", model, x, method)
     batch, n = x.shape[0], int(x[0].numel())
-    m = _output_count(model, x) if network is not None else 0
-    if network is not None and objective is None:
+    # Structured Jacobians pay off for dense heads; through convolutions, torch's own
+    # batched backward (vmap of jacrev) is as fast (measured), so auto leaves it that.
+    dense_head = network is not None and not any(
+        isinstance(layer, structured.SPATIAL) for layer in network.head
+    )
+    if network is not None and objective is None and (dense_head or method == "structured"):
+        m = math.prod(_probe(model, x).output_shape)
         selection = _select("jacobian", output_index, objective, m, default_all=True)
         if selection.count <= n:
             assert selection.indices is not None
@@ -286,29 +324,41 @@ def compute_jacobian(
                     plan.batch_chunk, x, x.new_zeros(batch), structured_chunk
                 )
             return _result(model, matrix, _shaped_output(model, x, flat_output), plan, selection)
-    output, activation_numel = _forward(model, x)
-    m = int(output[0].numel())
+    probe = _probe(model, x)
+    m = math.prod(probe.output_shape)
     selection = _select("jacobian", output_index, objective, m, default_all=True)
     plan = plan_jacobian(
         n=n,
         rows=selection.count,
         batch=batch,
-        activation_numel=activation_numel,
+        activation_numel=probe.activation_numel,
         itemsize=x.element_size(),
         memory_budget_bytes=memory_budget_bytes,
     )
-    scalars, targets = _scalars_fn(model, selection), _targets(selection, batch, m, x)
+    scalars = _scalars_with_output_fn(model, selection)
+    targets = _targets(selection, batch, m, x)
     with torch.no_grad():
+        if plan.method == "generic:reverse" and selection.indices is not None:
+            cotangents = torch.eye(m, dtype=x.dtype, device=x.device)[selection.indices]
+            matrix, flat_output = generic.jacobian_of_outputs(
+                lambda sample: model(sample.unsqueeze(0)).reshape(-1), x, cotangents, plan
+            )
+            return _result(
+                model, matrix, flat_output.reshape(batch, *probe.output_shape), plan, selection
+            )
         try:
-            matrix = generic.jacobian(scalars, x, targets, plan)
+            matrix, flat_output = generic.jacobian(scalars, x, targets, plan)
         except NotImplementedError:  # an operator without forward-mode AD
             if plan.method == "generic:reverse":
                 raise
             plan = replace(
-                plan, method="generic:reverse", basis_chunk=min(plan.basis_chunk, selection.count)
+                plan,
+                method="generic:reverse",
+                basis_chunk=min(plan.basis_chunk, selection.count),
+                basis=selection.count,
             )
-            matrix = generic.jacobian(scalars, x, targets, plan)
-    return _result(model, matrix, output, plan, selection)
+            matrix, flat_output = generic.jacobian(scalars, x, targets, plan)
+    return _result(model, matrix, flat_output.reshape(batch, *probe.output_shape), plan, selection)
 
 
 def _result(
@@ -326,9 +376,7 @@ def _result(
 
 def _shaped_output(model: nn.Module, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """The structured path's flat ``[B, m]`` output in the model's own output shape."""
-    with torch.no_grad():
-        shape = model(x[:1]).shape[1:]
-    return flat.reshape(flat.shape[0], *shape)
+    return flat.reshape(flat.shape[0], *_probe(model, x).output_shape)
 
 
 def hessian(

@@ -32,6 +32,17 @@ class Plan:
     basis_chunk: int
     batch_chunk: int
     estimated_bytes: int
+    basis: int = 0  # basis vectors in all (0: unknown)
+    batch: int = 0  # samples in all (0: unknown)
+
+    @property
+    def basis_chunk_or_all(self) -> int | None:
+        """``chunk_size`` for torch.func: None (one pass, no chunking) when it is all."""
+        return None if self.basis_chunk >= self.basis > 0 else self.basis_chunk
+
+    @property
+    def batch_chunk_or_all(self) -> int | None:
+        return None if self.batch_chunk >= self.batch > 0 else self.batch_chunk
 
 
 def _chunks(
@@ -67,6 +78,8 @@ def plan_hessian(
         basis_chunk=basis_chunk,
         batch_chunk=batch_chunk,
         estimated_bytes=per_vector * basis_chunk * batch_chunk,
+        basis=n,
+        batch=batch,
     )
 
 
@@ -99,6 +112,8 @@ def plan_jacobian(
         basis_chunk=basis_chunk,
         batch_chunk=batch_chunk,
         estimated_bytes=per_vector * basis_chunk * batch_chunk,
+        basis=basis,
+        batch=batch,
     )
 
 

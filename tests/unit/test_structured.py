@@ -16,7 +16,7 @@ from torch import nn
 
 from app import engine
 from app.engine import Objective
-from app.engine.structured import ELEMENTWISE, supports
+from app.engine.structured import ELEMENTWISE, supports, symmetric_product
 
 # Every supported elementwise non-linearity but the clipped ones (flat almost everywhere
 # on random inputs, so they would test little).
@@ -235,8 +235,10 @@ def test_structured_jacobian_equals_generic(name: str) -> None:
     model, shape = cnn(activation=nn.Tanh, **CNNS[name])  # type: ignore[arg-type]
     x = torch.randn(3, *shape, dtype=torch.float64)
     for index in (None, 1, [2, 0]):
-        fast = engine.compute_jacobian(model, x, output_index=index)
+        fast = engine.compute_jacobian(model, x, output_index=index, method="structured")
         slow = engine.compute_jacobian(model, x, output_index=index, method="generic")
+        # through convolutions, auto leaves Jacobians to torch's batched backward
+        assert engine.compute_jacobian(model, x, output_index=index).method == "generic:reverse"
         assert fast.method == "structured" and slow.method.startswith("generic")
         assert float((fast.matrix - slow.matrix).abs().max()) <= TOLERANCE
         assert torch.allclose(fast.output, slow.output, rtol=0, atol=1e-14)
@@ -277,3 +279,21 @@ def test_random_supported_cnns(
     )
     x = torch.randn(2, *shape, dtype=torch.float64)
     assert_paths_agree(model, x, objective)
+
+
+@pytest.mark.parametrize("n", [255, 256, 301, 784])
+def test_symmetric_product_equals_the_full_product(n: int) -> None:
+    torch.manual_seed(n)
+    a = torch.randn(2, 1, 7, n, dtype=torch.float64)
+    m = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    m = m + m.transpose(-1, -2)
+    y = m @ a
+    assert float((symmetric_product(a, y) - a.transpose(-1, -2) @ y).abs().max()) <= 1e-12
+
+
+def test_structured_mlp_wider_than_256_inputs_equals_generic() -> None:
+    torch.manual_seed(3)
+    model = network(300, [16, 8], nn.Tanh, batchnorm=False)
+    x = torch.randn(2, 300, dtype=torch.float64)
+    for objective in (None, Objective("mse", target=torch.zeros(3, dtype=torch.float64))):
+        assert_paths_agree(model, x, objective)
