@@ -26,7 +26,6 @@ returns None and the caller falls back to the generic path.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -368,33 +367,14 @@ class _Curvature:
 
     def sandwich(self, a: torch.Tensor) -> torch.Tensor | None:
         """``A^T H A`` for ``A [B or 1, h, n]``, or None when H is zero."""
+        # One plain product: a block-triangular (syrk-like) split measured slower on CPU,
+        # its small matmuls running further from peak than the flops it saves.
         a = a.unsqueeze(1)
         if self.diagonal is not None:
-            return symmetric_product(a, a * self.diagonal.unsqueeze(-1))
+            return a.transpose(-1, -2) @ (a * self.diagonal.unsqueeze(-1))
         if self.dense is not None:
-            return symmetric_product(a, self.dense @ a)
+            return a.transpose(-1, -2) @ (self.dense @ a)
         return None
-
-
-def symmetric_product(a: torch.Tensor, y: torch.Tensor, blocks: int = 4) -> torch.Tensor:
-    """``A^T Y`` for ``[..., h, n]`` operands whose product is known to be symmetric.
-
-    Only the block lower triangle is multiplied -- column block ``j`` against row blocks
-    ``j..`` -- and the rest mirrored: ``(blocks + 1) / (2 blocks)`` of the full product's
-    work (5/8 for 4 blocks), the symmetric rank-k saving of BLAS ``syrk`` with plain
-    matmuls.
-    """
-    n = a.shape[-1]
-    if n < 256:
-        return a.transpose(-1, -2) @ y
-    shape = torch.broadcast_shapes(a.shape[:-2], y.shape[:-2])  # type: ignore[no-untyped-call]
-    result = y.new_empty(*shape, n, n)
-    bounds = [n * i // blocks for i in range(blocks + 1)]
-    for start, stop in itertools.pairwise(bounds):
-        # column block [start, stop): its diagonal block and every block below it
-        result[..., start:, start:stop] = a[..., start:].transpose(-1, -2) @ y[..., start:stop]
-        result[..., start:stop, stop:] = result[..., stop:, start:stop].transpose(-1, -2)
-    return result
 
 
 @dataclass

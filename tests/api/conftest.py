@@ -9,9 +9,10 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
+from tests.device import TEST_DEVICE
 
 
 @pytest.fixture(scope="session")
 def client() -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(device="cpu"))) as test_client:
+    with TestClient(create_app(Settings(device=TEST_DEVICE))) as test_client:
         yield test_client

@@ -21,6 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.device import TEST_DEVICE
+
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 60.0
@@ -44,7 +46,8 @@ def _server_env(settings: dict[str, str]) -> dict[str, str]:
     # Settings inherited from the caller's shell must not change what the tests see.
     env = {k: v for k, v in os.environ.items() if not k.startswith("HESSIAN_")}
     env.update(ALLOCATOR_ENV)
-    env.update({"HESSIAN_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"})
+    # The device under test: cpu unless the run asks for another (bench/gpu_check.sh).
+    env.update({"HESSIAN_DEVICE": TEST_DEVICE, "PYTHONUNBUFFERED": "1"})
     env.update(settings)
     return env
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from app import engine
 from app.engine import Objective
-from app.engine.structured import ELEMENTWISE, supports, symmetric_product
+from app.engine.structured import ELEMENTWISE, supports
 
 # Every supported elementwise non-linearity but the clipped ones (flat almost everywhere
 # on random inputs, so they would test little).
@@ -279,16 +279,6 @@ def test_random_supported_cnns(
     )
     x = torch.randn(2, *shape, dtype=torch.float64)
     assert_paths_agree(model, x, objective)
-
-
-@pytest.mark.parametrize("n", [255, 256, 301, 784])
-def test_symmetric_product_equals_the_full_product(n: int) -> None:
-    torch.manual_seed(n)
-    a = torch.randn(2, 1, 7, n, dtype=torch.float64)
-    m = torch.randn(2, 3, 7, 7, dtype=torch.float64)
-    m = m + m.transpose(-1, -2)
-    y = m @ a
-    assert float((symmetric_product(a, y) - a.transpose(-1, -2) @ y).abs().max()) <= 1e-12
 
 
 def test_structured_mlp_wider_than_256_inputs_equals_generic() -> None:
