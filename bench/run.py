@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -222,7 +223,7 @@ def hessian_methods(
     model: nn.Module, x: torch.Tensor, quick: bool
 ) -> dict[str, Callable[[], torch.Tensor]]:
     f = scalar_fn(model)
-    vmap_chunk = None if x[0].numel() <= 1024 else 4
+    vmap_chunk = None if x[0].numel() <= 1024 else 1
     methods: dict[str, Callable[[], torch.Tensor]] = {
         "ours": lambda: engine.hessian(model, x, output_index=OUTPUT_INDEX),
         # vmap over the batch; chunked when a whole batch of n x n Hessians would not fit.
@@ -307,6 +308,7 @@ def hessian_rows(quick: bool) -> tuple[list[dict[str, Any]], dict[str, float]]:
                 )
                 rows += case_rows
                 ratios.update(case_ratios)
+                gc.collect()
     return rows, ratios
 
 

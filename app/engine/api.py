@@ -198,14 +198,33 @@ def _in_chunks(
     targets: torch.Tensor,
     compute: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``compute`` on chunks of samples (never of matrix rows) and concatenate."""
-    pieces = [
-        compute(x[start : start + batch_chunk], targets[start : start + batch_chunk])
-        for start in range(0, x.shape[0], batch_chunk)
-    ]
-    if len(pieces) == 1:
-        return pieces[0]
-    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+    """Run ``compute`` on chunks of samples (never of matrix rows).
+
+    Each chunk's results are written straight into preallocated outputs, so the peak is
+    the result plus one chunk's working memory (a concatenation would hold it twice).
+    """
+    batch = x.shape[0]
+    first = compute(x[:batch_chunk], targets[:batch_chunk])
+    if batch_chunk >= batch:
+        return first
+    outputs = tuple(piece.new_empty(batch, *piece.shape[1:]) for piece in first)
+    for out, piece in zip(outputs, first, strict=True):
+        out[:batch_chunk] = piece
+    del first
+    for start in range(batch_chunk, batch, batch_chunk):
+        stop = start + batch_chunk
+        for out, piece in zip(outputs, compute(x[start:stop], targets[start:stop]), strict=True):
+            out[start:stop] = piece
+    return outputs[0], outputs[1]
+
+
+def _generic_hessian(
+    scalars: generic.ScalarsFn, x: torch.Tensor, targets: torch.Tensor, plan: Plan
+) -> torch.Tensor:
+    def chunk(xs: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return generic.hessian(scalars, xs, ts, plan), ts
+
+    return _in_chunks(plan.batch_chunk, x, targets, chunk)[0]
 
 
 def compute_hessian(
@@ -269,10 +288,10 @@ def compute_hessian(
     scalars = _scalars_fn(model, selection)
     with torch.no_grad():
         try:
-            matrix = generic.hessian(scalars, x, targets, plan)
+            matrix = _generic_hessian(scalars, x, targets, plan)
         except NotImplementedError:  # an operator without forward-mode AD of its backward
             plan = replace(plan, method="generic:reverse-over-reverse")
-            matrix = generic.hessian(scalars, x, targets, plan)
+            matrix = _generic_hessian(scalars, x, targets, plan)
     return _result(model, matrix, output, plan, selection)
 
 

@@ -61,7 +61,7 @@ def hessian(scalars: ScalarsFn, x: torch.Tensor, targets: torch.Tensor, plan: Pl
         hessian_columns: torch.Tensor = columns.permute(1, 2, 0)
         return hessian_columns
 
-    return vmap(per_sample, chunk_size=plan.batch_chunk_or_all)(x, targets)
+    return vmap(per_sample)(x, targets)  # callers chunk the samples (plan.batch_chunk)
 
 
 def jacobian(
