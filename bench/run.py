@@ -219,6 +219,28 @@ def best_jacrev_chunk(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tenso
     return best[1]
 
 
+def tabulate(
+    kind: str, key: str, results: dict[str, Measured], batch: int
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Table rows (time per matrix, ratio to ours) and the JSON ratios of one case."""
+    rows, ratios = [], {}
+    for label, measured in results.items():
+        ratio = measured.ms / results["ours"].ms
+        rows.append(
+            {
+                "case": key,
+                "method": label,
+                f"ms_per_{kind}": measured.ms / batch,
+                "ratio": ratio,
+                "max_abs_error": measured.error,
+                "peak_mb": measured.peak_mb,
+            }
+        )
+        if label != "ours":
+            ratios[f"{kind}/{key}/vs {label.split(' chunk=')[0]}"] = round(ratio, 2)
+    return rows, ratios
+
+
 def hessian_methods(
     model: nn.Module, x: torch.Tensor, quick: bool
 ) -> dict[str, Callable[[], torch.Tensor]]:
@@ -272,21 +294,7 @@ def hessian_case(
         engine.hessian(model, x, output_index=OUTPUT_INDEX)
     gflops = counter.get_total_flops() / (ours.ms / 1000) / 1e9
     key = f"{name}/{str(dtype)[6:]}/B{batch}"
-    rows, ratios = [], {}
-    for label, measured in results.items():
-        ratio = measured.ms / ours.ms
-        rows.append(
-            {
-                "case": key,
-                "method": label,
-                "ms_per_hessian": measured.ms / batch,
-                "ratio": ratio,
-                "max_abs_error": measured.error,
-                "peak_mb": measured.peak_mb,
-            }
-        )
-        if label != "ours":
-            ratios[f"hessian/{key}/vs {label.split(' chunk=')[0]}"] = round(ratio, 2)
+    rows, ratios = tabulate("hessian", key, results, batch)
     ratios[f"hessian/{key}/ours_ms"] = round(ours.ms, 3)
     ratios[f"hessian/{key}/ours_fraction_of_matmul_peak"] = round(gflops / peak, 3)
     print(f"  {key}: ours {ours.ms:.2f} ms, {gflops:.1f} GFLOP/s", flush=True)
@@ -340,20 +348,9 @@ def jacobian_rows(quick: bool) -> tuple[list[dict[str, Any]], dict[str, float]]:
                 for label, fn in jacobian_methods(model, x).items()
             }
             key = f"{name}/float32/B{batch}"
-            for label, measured in results.items():
-                ratio = measured.ms / results["ours"].ms
-                rows.append(
-                    {
-                        "case": key,
-                        "method": label,
-                        "ms_per_jacobian": measured.ms / batch,
-                        "ratio": ratio,
-                        "max_abs_error": measured.error,
-                        "peak_mb": measured.peak_mb,
-                    }
-                )
-                if label != "ours":
-                    ratios[f"jacobian/{key}/vs {label}"] = round(ratio, 2)
+            case_rows, case_ratios = tabulate("jacobian", key, results, batch)
+            rows += case_rows
+            ratios.update(case_ratios)
             print(f"  jacobian {key}: ours {results['ours'].ms:.3f} ms", flush=True)
     return rows, ratios
 
