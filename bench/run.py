@@ -124,10 +124,13 @@ class PeakMemory:
         self._thread.join()
 
 
-def median_ms(fn: Callable[[], object], *, repeats: int, budget_s: float) -> float:
-    """Median wall time of ``fn`` after one warm-up call, bounded by a time budget."""
-    fn()
-    sync()
+def median_ms(
+    fn: Callable[[], object], *, repeats: int, budget_s: float, warm_up: bool = True
+) -> float:
+    """Median wall time of ``fn`` (after one warm-up call), bounded by a time budget."""
+    if warm_up:
+        fn()
+        sync()
     times: list[float] = []
     deadline = time.perf_counter() + budget_s
     while len(times) < repeats and (not times or time.perf_counter() < deadline):
@@ -200,14 +203,8 @@ def measure(
         result = fn()
     checked = result.reshape(-1, *reference.shape[1:])[: reference.shape[0]]
     error = float((checked.double().cpu() - reference).abs().max())
-    times: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    while len(times) < repeats and (not times or time.perf_counter() < deadline):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1000)
-    return Measured(ms=statistics.median(times), error=error, peak_mb=memory.peak_bytes / 2**20)
+    ms = median_ms(fn, repeats=repeats, budget_s=budget_s, warm_up=False)
+    return Measured(ms=ms, error=error, peak_mb=memory.peak_bytes / 2**20)
 
 
 def best_jacrev_chunk(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> int | None:
