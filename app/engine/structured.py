@@ -138,11 +138,6 @@ def parse(model: nn.Module, sample_shape: tuple[int, ...]) -> Network | None:
     return Network(layers[:first_linear], layers[first_linear:])
 
 
-def supports(model: nn.Module, sample_shape: tuple[int, ...]) -> bool:
-    """Whether the structured path can compute this network's input derivatives."""
-    return parse(model, sample_shape) is not None
-
-
 def elementwise_derivatives(layer: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``sigma'(z)`` and ``sigma''(z)`` of an elementwise module, by double backward.
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from app import engine
 from app.engine import Objective
-from app.engine.structured import ELEMENTWISE, supports
+from app.engine.structured import ELEMENTWISE, parse
 
 # Every supported elementwise non-linearity but the clipped ones (flat almost everywhere
 # on random inputs, so they would test little).
@@ -87,10 +87,10 @@ def test_unsupported_networks_fall_back_to_the_generic_path() -> None:
     conv = nn.Sequential(
         nn.Conv2d(1, 2, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2, 2)
     )
-    assert not supports(conv, (1, 4, 4))
-    assert not supports(nn.Sequential(nn.Conv2d(1, 2, 3, dilation=2), nn.Tanh()), (1, 6, 6))
-    assert not supports(nn.Linear(4, 2), (2, 4))  # Linear on a non-flat sample
-    assert not supports(nn.Sequential(nn.Linear(4, 4), nn.Dropout()).train(), (4,))
+    assert parse(conv, (1, 4, 4)) is None
+    assert parse(nn.Sequential(nn.Conv2d(1, 2, 3, dilation=2), nn.Tanh()), (1, 6, 6)) is None
+    assert parse(nn.Linear(4, 2), (2, 4)) is None  # Linear on a non-flat sample
+    assert parse(nn.Sequential(nn.Linear(4, 4), nn.Dropout()).train(), (4,)) is None
     result = engine.compute_hessian(
         conv.double(), torch.randn(1, 1, 4, 4, dtype=torch.float64), output_index=0
     )
