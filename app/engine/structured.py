@@ -244,36 +244,37 @@ class Patches:
         """Through a convolution (``weight [Co, Ci, kh, kw]``) or an average pool (None)."""
         kh, kw = kernel
         (sh, sw), (ph, pw), (oh, ow) = stride, padding, out_hw
+        if self.identity:
+            return self._first_window(weight, kernel, stride, padding, out_hw)
         Sh, Sw = self.stride
-        batch, channels, height, width, c0, rh, rw = self.values.shape
-        patch, taps, positions = c0 * rh * rw, kh * kw, oh * ow
-        # Every output unit's window of input units, patches as channels: [b, C, K, taps, P'].
-        as_image = self.values.permute(0, 1, 4, 5, 6, 2, 3).reshape(
-            batch, channels * patch, height, width
-        )
-        windows = F.unfold(as_image, (kh, kw), padding=(ph, pw), stride=(sh, sw))
-        windows = windows.reshape(batch, channels, patch, taps, positions)
-        if weight is None:  # average pooling: per channel, equal weights
-            mixed = windows.permute(0, 1, 4, 2, 3) / taps
-        else:
-            mixed = torch.einsum(
-                "ocq,bckqp->bopkq", weight.reshape(weight.shape[0], -1, taps), windows
-            )
-        # Each tap's patch lands at offset (Sh * i, Sw * j) of the grown patch.
+        batch, channels, _, _, c0, rh, rw = self.values.shape
+        taps = kh * kw
+        # Zero padding of the activation is zero padding of its patches.
+        padded = F.pad(self.values, (0, 0, 0, 0, 0, 0, pw, pw, ph, ph))
         grown = (rh + (kh - 1) * Sh, rw + (kw - 1) * Sw)
-        device = self.values.device
-        rows = (torch.arange(kh, device=device) * Sh).reshape(kh, 1, 1, 1) + torch.arange(
-            rh, device=device
-        ).reshape(1, 1, rh, 1)
-        cols = (torch.arange(kw, device=device) * Sw).reshape(1, kw, 1, 1) + torch.arange(
-            rw, device=device
-        ).reshape(1, 1, 1, rw)
-        target = (rows * grown[1] + cols).reshape(-1)  # (tap, a, b) -> grown flat index
-        units = mixed.shape[0] * mixed.shape[1] * positions
-        source = mixed.reshape(units, c0, rh * rw, taps).transpose(2, 3).reshape(units, c0, -1)
-        folded = source.new_zeros(units, c0, grown[0] * grown[1])
-        folded.index_add_(2, target, source)
-        new = folded.reshape(batch, mixed.shape[1], oh, ow, c0, *grown)
+        # Tap (i, j) sees the units at (stride * (y, x) + (i, j)) of the padded activation:
+        # [taps, C, B, oh, ow, K], one strided view per tap.
+        windows = torch.stack(
+            [
+                padded[
+                    :, :, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw
+                ].transpose(0, 1)
+                for i in range(kh)
+                for j in range(kw)
+            ]
+        )
+        if weight is None:  # average pooling: per channel, equal weights
+            mixed = windows.transpose(1, 2) / taps  # [taps, B, C, oh, ow, c0, rh, rw]
+        else:  # [taps, Co, C] @ [taps, C, B * oh * ow * K]
+            per_tap = weight.reshape(weight.shape[0], channels, taps).permute(2, 0, 1)
+            mixed = torch.bmm(per_tap, windows.reshape(taps, channels, -1))
+            mixed = mixed.reshape(taps, weight.shape[0], batch, -1).transpose(1, 2)
+        out_channels = mixed.shape[2]
+        # Tap (i, j)'s patch lands at offset (Sh * i, Sw * j) of the grown patch: that is
+        # exactly col2im (fold) with the taps as blocks and the old patch as the kernel.
+        blocks = mixed.reshape(taps, -1, rh * rw).permute(1, 2, 0).reshape(1, -1, taps)
+        folded = F.fold(blocks, grown, (rh, rw), stride=(Sh, Sw))  # units as channels
+        new = folded.reshape(batch, out_channels, oh, ow, c0, *grown)
         return Patches(
             new,
             self.input_units,
@@ -281,6 +282,44 @@ class Patches:
             (self.offset[0] + Sh * ph, self.offset[1] + Sw * pw),
             identity=False,
         )
+
+    def _first_window(
+        self,
+        weight: torch.Tensor | None,
+        kernel: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        out_hw: tuple[int, int],
+    ) -> Patches:
+        """The first window over the input itself: each unit's local Jacobian is the
+        kernel (``1 / taps`` per channel for pooling), zeroed where it covers padding."""
+        (kh, kw), (oh, ow) = kernel, out_hw
+        channels = self.input_units[0]
+        like = self.values
+        if weight is None:
+            eye = torch.eye(channels, dtype=like.dtype, device=like.device) / (kh * kw)
+            kernel_values = eye.reshape(channels, channels, 1, 1).expand(-1, -1, kh, kw)
+        else:
+            kernel_values = weight
+        new = Patches(
+            kernel_values.reshape(1, kernel_values.shape[0], 1, 1, channels, kh, kw),
+            self.input_units,
+            stride,
+            padding,
+            identity=False,
+        )
+        rows, cols = new._inside(oh, kh, 0), new._inside(ow, kw, 1)
+        mask = rows.reshape(oh, 1, kh, 1) & cols.reshape(1, ow, 1, kw)
+        new.values = new.values * mask.reshape(1, 1, oh, ow, 1, kh, kw).to(like.dtype)
+        return new
+
+    def _inside(self, size: int, extent: int, axis: int) -> torch.Tensor:
+        """Whether each (output position, patch offset) along ``axis`` (0: rows, 1:
+        columns) falls inside the input rather than on its zero padding, ``[size, extent]``."""
+        device = self.values.device
+        starts = torch.arange(size, device=device) * self.stride[axis] - self.offset[axis]
+        coordinate = starts.reshape(-1, 1) + torch.arange(extent, device=device).reshape(1, -1)
+        return (coordinate >= 0) & (coordinate < self.input_units[1 + axis])
 
     def indices(self) -> torch.Tensor:
         """Flat input index of every patch entry, ``[P, K]``.
@@ -353,12 +392,17 @@ class _Curvature:
             self.dense = factor.unsqueeze(-1) * self.dense * factor.unsqueeze(-2)
 
     def add_diagonal(self, values: torch.Tensor) -> None:
-        if self.dense is not None:
-            self.dense = self.dense + torch.diag_embed(values)
+        if self.dense is not None:  # always a fresh product here, so updated in place
+            self.dense.diagonal(dim1=-2, dim2=-1).add_(values)
         elif self.diagonal is not None:
             self.diagonal = self.diagonal + values
         else:
             self.diagonal = values
+
+    @property
+    def is_zero(self) -> bool:
+        """True when no curvature has reached this activation (a raw output so far)."""
+        return self.dense is None and self.diagonal is None
 
     def sandwich(self, a: torch.Tensor) -> torch.Tensor | None:
         """``A^T H A`` for ``A [B or 1, h, n]``, or None when H is zero."""
@@ -608,7 +652,11 @@ def hessian_of(
     gradient, curvature = _top(record.output, indices, objective, targets)
     scalars = gradient.shape[1]
     gradient, first_weight = _tail_backward(network, record, gradient, curvature)
-    result = curvature.sandwich(_pulled_back(record.patches, first_weight, n))
+    result = (
+        curvature.sandwich(_pulled_back(record.patches, first_weight, n))
+        if not curvature.is_zero
+        else None
+    )
     if result is None or result.shape[0] != batch:
         zeros = x.new_zeros(batch, scalars, n, n)
         result = zeros if result is None else zeros + result

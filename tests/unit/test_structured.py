@@ -229,6 +229,29 @@ def test_conv1d_avgpool1d_and_a_network_without_tail() -> None:
         assert float((fast.matrix - slow.matrix).abs().max()) <= TOLERANCE
 
 
+def test_pooling_first_and_padded_pooling_between_convolutions() -> None:
+    """A pool straight on the input (the first window) and a padded pool over patches."""
+    torch.manual_seed(10)
+    model = (
+        nn.Sequential(
+            nn.AvgPool2d(2, stride=1, padding=1),
+            nn.Conv2d(2, 3, 3, stride=2, padding=1),
+            nn.Tanh(),
+            nn.AvgPool2d(3, stride=2, padding=1),
+            nn.Conv2d(3, 2, 2),
+            nn.Softplus(),
+            nn.Flatten(),
+            nn.Linear(2, 3),
+        )
+        .double()
+        .eval()
+        .requires_grad_(False)
+    )
+    x = torch.randn(2, 2, 7, 7, dtype=torch.float64)
+    for objective in objectives():
+        assert_paths_agree(model, x, objective)
+
+
 @pytest.mark.parametrize("name", sorted(CNNS))
 def test_structured_jacobian_equals_generic(name: str) -> None:
     torch.manual_seed(9)
