@@ -314,12 +314,7 @@ def compute_jacobian(
     _check_method("jacobian", method, JACOBIAN_METHODS)
     network = _structured_network("jacobian", model, x, method)
     batch, n = x.shape[0], int(x[0].numel())
-    # Structured Jacobians pay off for dense heads; through convolutions, torch's own
-    # batched backward (vmap of jacrev) is as fast (measured), so auto leaves it that.
-    dense_head = network is not None and not any(
-        isinstance(layer, structured.SPATIAL) for layer in network.head
-    )
-    if network is not None and objective is None and (dense_head or method == "structured"):
+    if network is not None and objective is None:
         m = math.prod(_probe(model, x).output_shape)
         selection = _select("jacobian", output_index, objective, m, default_all=True)
         if selection.count <= n:

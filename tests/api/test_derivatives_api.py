@@ -52,7 +52,7 @@ def test_jacobian_layouts_and_selections(client: TestClient) -> None:
     image = tensor([1, 28, 28], digit_image())
     cnn = post(client, "/jacobian", model="digits_cnn", inputs=[image], layout="tensor")
     assert cnn["outputs"][0]["shape"] == [10, 1, 28, 28]
-    assert cnn["metadata"]["method"] == "generic:reverse"
+    assert cnn["metadata"]["method"] == "structured"
 
 
 def test_hessian_output_index_list_and_tensor_layout(client: TestClient) -> None:
