@@ -222,15 +222,19 @@ def run(
             f"got {list(source.shape)}"
         )
     total = len(source)
-    options = {"output_index": output_index, "objective": objective, "layout": layout}
+    options: dict[str, Any] = {
+        "output_index": output_index,
+        "objective": objective,
+        "layout": layout,
+    }
     options["precision"] = precision
 
     def body(start: int, stop: int) -> dict[str, Any]:
         x = source.batch(start, stop)
-        return derivative_body(model, x, encoding="binary", **options)  # type: ignore[arg-type]
+        return derivative_body(model, x, encoding="binary", **options)
 
     # One sample first: the server says what one result looks like.
-    probe = client.compute(kind, model, source.batch(0, 1), encoding="binary", **options)  # type: ignore[arg-type]
+    probe = client.compute(kind, model, source.batch(0, 1), encoding="binary", **options)
     item_shape = tuple(probe.value.shape[1:])
     datatype = next(k for k, v in NUMPY_DTYPES.items() if np.dtype(v) == probe.value.dtype)
     out_path = Path(out)

@@ -134,7 +134,8 @@ class OutputFile:
         self.item_bytes = math.prod(shape[1:]) * self.dtype.itemsize
         total = self.data_offset + math.prod(shape) * self.dtype.itemsize
         reuse = keep and self.partial.exists() and self.partial.stat().st_size == total
-        self._fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | (0 if reuse else os.O_TRUNC))
+        flags = os.O_RDWR | os.O_CREAT | (0 if reuse else os.O_TRUNC)
+        self._fd = os.open(self.partial, flags, 0o644)
         if not reuse:
             os.pwrite(self._fd, header, 0)
             os.ftruncate(self._fd, total)  # sparse until written

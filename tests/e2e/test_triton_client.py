@@ -103,3 +103,17 @@ def test_errors_reach_tritonclient_with_their_message(
         triton_client.infer("no_such_model", [given])
     assert unknown.value.status() == "404"
     assert "no_such_model" in unknown.value.message()
+
+
+def test_a_body_over_the_limit_is_413_with_a_message_tritonclient_reads(
+    limited_server_url: str,
+) -> None:
+    client = triton.InferenceServerClient(limited_server_url.removeprefix("http://"))
+    x = np.zeros((100, 1, 28, 28), dtype=np.float32)  # 313,600 bytes: over the 200 kB limit
+    given = triton.InferInput("x", list(x.shape), "FP32")
+    given.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException) as too_large:
+        client.infer("digits_cnn", [given])
+    assert too_large.value.status() == "413"
+    assert "over this server's limit of 200000 bytes" in too_large.value.message()
+    client.close()
