@@ -72,11 +72,11 @@ class Progress:
         self._shown = now
         fraction = self.done / self.total if self.total else 1.0
         rate = (self.done - self._first) / max(now - self._start, 1e-9)
-        left = (self.total - self.done) / rate if rate > 0 else float("nan")
+        left = f"{(self.total - self.done) / rate:5.0f} s" if rate > 0 else "    ? s"
         bar = "#" * int(fraction * 30)
         self.stream.write(
             f"\r{self.label}: {self.done}/{self.total} |{bar:<30}| {100 * fraction:5.1f}% "
-            f"{rate:7.1f}/s, {left:5.0f} s left"
+            f"{rate:7.1f}/s, {left} left"
         )
         self.stream.flush()
 
