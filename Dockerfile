@@ -40,6 +40,8 @@ WORKDIR /src
 # README* is optional: the glob lets the build go on while there is none.
 COPY pyproject.toml README* ./
 COPY app/ ./app/
+# The Python client and the `hessian-service` command install with the service.
+COPY hessian_client/ ./hessian_client/
 # The torch installed above already satisfies the project's torch range, so
 # pip keeps it; the constraint makes sure no resolver step swaps it out.
 RUN echo "torch==${TORCH_VERSION}" > /tmp/torch-constraint.txt \

@@ -28,7 +28,7 @@ setup: $(VENV)/.runtime
 setup-dev: $(VENV)/.dev
 
 serve: setup
-	$(PY) -m uvicorn app.main:app --host $(HOST) --port $(PORT)
+	$(VENV)/bin/hessian-service serve --host $(HOST) --port $(PORT)
 
 # Headless Chromium for the /docs page test (Debian's package; needs root to install).
 browser:
@@ -39,7 +39,7 @@ browser:
 lint: setup-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy app
+	$(VENV)/bin/mypy app hessian_client
 
 pytest: setup-dev browser
 	$(PY) -m pytest

@@ -1,4 +1,4 @@
-"""Tensor objects (JSON numbers or base64) <-> ``torch.Tensor``, and response bodies.
+"""Tensor objects (JSON numbers, base64 or binary) <-> ``torch.Tensor``, and response bodies.
 
 Decoding checks everything a tensor object can get wrong -- datatype, shape against the
 data length, malformed base64, NaN or Inf -- and names the field at fault. Encoding writes
@@ -18,6 +18,7 @@ import numpy as np
 import orjson
 import torch
 
+from app import binary
 from app.errors import InvalidInput
 from app.schemas import TensorObject
 
@@ -45,17 +46,34 @@ def _decode_base64(text: str, datatype: str, count: int, field: str) -> torch.Te
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidInput(f"{field}: malformed base64 ({exc})", field=field) from None
+    return _from_bytes(raw, datatype, count, field, "base64 data")
+
+
+def _from_bytes(
+    raw: bytes | memoryview, datatype: str, count: int, field: str, what: str
+) -> torch.Tensor:
     dtype = TORCH_DTYPES[datatype]
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(raw) != count * itemsize:
         raise InvalidInput(
-            f"{field}: base64 data holds {len(raw)} bytes; shape and datatype {datatype} "
+            f"{field}: {what} holds {len(raw)} bytes; shape and datatype {datatype} "
             f"expect {count} x {itemsize} = {count * itemsize} bytes",
             field=field,
         )
     if count == 0:
         return torch.empty(0, dtype=dtype)
     return torch.frombuffer(bytearray(raw), dtype=dtype)
+
+
+def decode_binary(raw: memoryview, datatype: str, shape: list[int], field: str) -> torch.Tensor:
+    """A tensor from its raw little-endian bytes (the binary tensor extension).
+
+    ``field`` names the tensor's ``binary_data_size`` parameter for error messages.
+    """
+    flat = _from_bytes(raw, datatype, math.prod(shape), field, "binary data")
+    if flat.is_floating_point() and not bool(torch.isfinite(flat).all()):
+        raise InvalidInput(f"{field}: the binary data contains NaN or Inf", field=field)
+    return flat.reshape(shape)
 
 
 def _check_integers(flat: np.ndarray, datatype: str, field: str) -> None:
@@ -122,9 +140,11 @@ def tensor_object(name: str, tensor: torch.Tensor, encoding: str) -> dict[str, A
     cpu = tensor.detach().to("cpu").contiguous()
     datatype = DATATYPES[cpu.dtype]
     flat = cpu.reshape(-1)
+    raw = flat.view(torch.int16) if flat.dtype == torch.bfloat16 else flat  # numpy has no bf16
     if encoding == "base64":
-        raw = flat.view(torch.int16) if flat.dtype == torch.bfloat16 else flat  # numpy has no bf16
         data: Any = base64.b64encode(raw.numpy().tobytes()).decode("ascii")
+    elif encoding == "binary":  # the raw bytes, written after the JSON header by encode_body
+        data = raw.numpy()
     else:
         data = (flat.float() if flat.dtype == torch.bfloat16 else flat).numpy()
     return {"name": name, "shape": list(cpu.shape), "datatype": datatype, "data": data}
@@ -133,3 +153,11 @@ def tensor_object(name: str, tensor: torch.Tensor, encoding: str) -> dict[str, A
 def dumps(body: dict[str, Any]) -> bytes:
     """Serialize a response body, numpy arrays included, with orjson."""
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def encode_body(body: dict[str, Any], encoding: str) -> binary.Encoded:
+    """A response body in its encoding: JSON, or with ``binary`` every output's data as
+    raw bytes after the JSON header (the Open Inference Protocol's binary extension)."""
+    if encoding == "binary":
+        return binary.encode(body, lambda _output: True)
+    return binary.Encoded(dumps(body))

@@ -20,7 +20,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import codec
-from app.api.routes import derivatives, health, models
+from app.api.routes import derivatives, health, models, v2
 from app.config import Settings
 from app.errors import PROBLEM_CONTENT_TYPE, ServiceError, problem, problem_of, status_of
 from app.middleware import BodySizeLimit
@@ -120,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(derivatives.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(v2.router)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     return app

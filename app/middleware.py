@@ -15,14 +15,12 @@ class BodySizeLimit:
         self.app = app
         self.limit = limit
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        detail = f"request body is over this server's limit of {self.limit} bytes"
+        # Open Inference Protocol clients (tritonclient) read the message from "error".
+        oip = str(scope.get("path", "")).startswith("/v2/")
         body = codec.dumps(
-            problem(
-                413,
-                "Too large",
-                f"request body is over this server's limit of {self.limit} bytes",
-                limit_bytes=self.limit,
-            )
+            problem(413, "Too large", detail, limit_bytes=self.limit, error=detail if oip else None)
         )
         await send(
             {
@@ -42,7 +40,7 @@ class BodySizeLimit:
             return
         for key, value in scope["headers"]:
             if key == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await self._refuse(send)
+                await self._refuse(scope, send)
                 return
         if any(key == b"content-length" for key, _ in scope["headers"]):
             await self.app(scope, receive, send)  # the server stops at Content-Length
@@ -57,7 +55,7 @@ class BodySizeLimit:
             chunk = message.get("body", b"")
             received += len(chunk)
             if received > self.limit:
-                await self._refuse(send)
+                await self._refuse(scope, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -90,8 +90,14 @@ class DerivativeRequest(_Strict):
     objective: Objective | None = Field(
         None, description="A scalar built on the output, replacing output_index."
     )
-    encoding: Literal["json", "base64"] = Field(
-        "json", description="How result tensors' `data` is written."
+    encoding: Literal["json", "base64", "binary"] = Field(
+        "json",
+        description="How result tensors' `data` is written: json numbers, base64 of the "
+        "little-endian bytes, or binary (the Open Inference Protocol binary tensor "
+        "extension: an application/octet-stream body whose first "
+        "`Inference-Header-Content-Length` bytes are this JSON response, each output "
+        "carrying `parameters.binary_data_size` instead of `data`, followed by the "
+        "outputs' raw little-endian row-major bytes in order).",
     )
     layout: Literal["matrix", "tensor"] = Field(
         "matrix",
@@ -117,12 +123,27 @@ class ResponseMetadata(BaseModel):
     notes: list[str]
 
 
+class OutputTensor(BaseModel):
+    """A result tensor: ``data`` inline, or (``encoding: "binary"``) its byte count in
+    ``parameters.binary_data_size`` and its bytes after the JSON header."""
+
+    name: str
+    shape: list[int]
+    datatype: Datatype
+    data: list[Any] | str | None = Field(
+        None, description="Numbers or base64; absent with the binary encoding."
+    )
+    parameters: dict[str, Any] | None = Field(
+        None, description='`{"binary_data_size": <bytes>}` with the binary encoding.'
+    )
+
+
 class DerivativeResponse(BaseModel):
     """Body of a successful ``POST /jacobian`` or ``POST /hessian``."""
 
     model: str
     model_version: str
-    outputs: list[TensorObject]
+    outputs: list[OutputTensor]
     metadata: ResponseMetadata
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from app import codec
+from app.binary import Encoded
 from app.config import Settings
 from app.engine import Curvature, DerivativeResult, Objective, compute_hessian, compute_jacobian
 from app.errors import InvalidInput, TooLarge
@@ -280,13 +281,13 @@ class DerivativeService:
             },
         }
 
-    async def run(self, kind: Kind, request: DerivativeRequest) -> bytes:
+    async def run(self, kind: Kind, request: DerivativeRequest) -> Encoded:
         """Prepare (worker pool), compute (the compute thread), encode (worker pool)."""
         prepared = await anyio.to_thread.run_sync(self.prepare, kind, request)
         loop = asyncio.get_running_loop()
         result, compute_ms = await loop.run_in_executor(self._executor, self.compute, prepared)
         body = await anyio.to_thread.run_sync(self.describe, prepared, result, compute_ms)
-        return await anyio.to_thread.run_sync(codec.dumps, body)
+        return await anyio.to_thread.run_sync(codec.encode_body, body, request.encoding)
 
 
 def _notes(kind: Kind, curvature: Curvature, objective: Objective | None, zero: bool) -> list[str]:

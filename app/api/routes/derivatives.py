@@ -8,15 +8,35 @@ from fastapi import APIRouter, Body, Response
 
 from app.api.deps import ServiceDep
 from app.api.examples import hessian_examples, jacobian_examples
+from app.binary import BINARY_CONTENT_TYPE, HEADER_LENGTH, Encoded
 from app.schemas import DerivativeRequest, DerivativeResponse
 
 router = APIRouter(tags=["derivatives"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": 'The result. With `encoding: "binary"` the body is '
+        "application/octet-stream: the JSON response (`Inference-Header-Content-Length` "
+        "bytes, outputs carrying `parameters.binary_data_size`), then each output's raw "
+        "little-endian bytes.",
+        "content": {
+            BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}},
+        },
+        "headers": {
+            HEADER_LENGTH: {
+                "description": 'Length of the JSON header (encoding "binary" only).',
+                "schema": {"type": "integer"},
+            }
+        },
+    },
     404: {"description": "Unknown model (problem+json)."},
     413: {"description": "Body or result over the configured limit (problem+json)."},
     422: {"description": "Invalid input, naming the field (problem+json)."},
 }
+
+
+def _response(encoded: Encoded) -> Response:
+    return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
 
 
 @router.post(
@@ -34,7 +54,7 @@ async def post_hessian(
     An int `output_index` gives `[n, n]` per sample, a list of k gives `[k, n, n]`, an
     objective gives `[n, n]`. A batch input `[B, *input_shape]` adds a leading `B`.
     """
-    return Response(await service.run("hessian", request), media_type="application/json")
+    return _response(await service.run("hessian", request))
 
 
 @router.post(
@@ -52,4 +72,4 @@ async def post_jacobian(
     No `output_index` gives all outputs, `[m, n]` per sample; an int gives the gradient
     `[n]`, a list of k gives `[k, n]`, an objective gives its gradient `[n]`.
     """
-    return Response(await service.run("jacobian", request), media_type="application/json")
+    return _response(await service.run("jacobian", request))

@@ -1,0 +1,207 @@
+"""Open Inference Protocol v2 routes (KServe v2 / Triton HTTP), binary extension included.
+
+Existing clients -- ``tritonclient.http``, KServe's -- work unchanged: server and model
+metadata, liveness and readiness, and ``infer`` (the model's forward pass). Errors on
+these routes are the protocol's ``{"error": "..."}`` (what tritonclient reads), with the
+service's statuses, except that invalid input is 400, as the protocol asks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+from app import oip
+from app.api.deps import RegistryDep
+from app.binary import BINARY_CONTENT_TYPE, HEADER_LENGTH
+from app.errors import InvalidInput, ServiceError, status_of
+from app.oip_schemas import (
+    ErrorBody,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ModelReady,
+    ServerMetadata,
+)
+
+EXTENSIONS = ["binary_tensor_data"]
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class OipRoute(APIRoute):
+    """A route whose errors come out as ``{"error": ...}`` instead of problem+json."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ServiceError as exc:
+                status = 400 if isinstance(exc, InvalidInput) else status_of(exc)
+                return _error(status, exc.detail)
+            except RequestValidationError as exc:
+                first = exc.errors()[0] if exc.errors() else {}
+                return _error(400, f"{first.get('loc', '')}: {first.get('msg', 'invalid')}")
+
+        return route
+
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], route_class=OipRoute)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Invalid request, naming the field."},
+    404: {"model": ErrorBody, "description": "Unknown model or version."},
+    413: {"description": "Body over the configured limit (problem+json)."},
+    503: {"model": ErrorBody, "description": "Models are still loading."},
+}
+
+
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON schema with its ``$defs`` references inlined (OpenAPI resolves refs from
+    the document root, where these definitions do not live)."""
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(definitions[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "An `$inference_request` as JSON; or, with the binary tensor "
+        f"extension, its JSON header of `{HEADER_LENGTH}` bytes followed by the inputs' "
+        "raw little-endian bytes (inputs carry `parameters.binary_data_size`).",
+        "content": {
+            "application/json": {"schema": _inline(InferRequest.model_json_schema())},
+            BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.get("", response_model=ServerMetadata, summary="Server metadata")
+async def server_metadata(request: Request) -> ServerMetadata:
+    return ServerMetadata(
+        name="hessian-service", version=request.app.version, extensions=EXTENSIONS
+    )
+
+
+@router.get("/health/live", summary="The server is live")
+async def live() -> Response:
+    return Response(status_code=200)
+
+
+@router.get(
+    "/health/ready",
+    responses={503: {"description": "Models are still loading."}},
+    summary="The server is ready for inference",
+)
+async def ready(registry: RegistryDep) -> Response:
+    return Response(status_code=200 if registry.ready else 503)
+
+
+def _ready(registry: RegistryDep, name: str, version: str | None) -> ModelReady:
+    model = oip.lookup(registry, name, version)
+    return ModelReady(name=model.manifest.name, ready=True)
+
+
+@router.get(
+    "/models/{name}",
+    response_model=ModelMetadata,
+    responses=_ERRORS,
+    summary="Model metadata",
+)
+async def model_metadata(name: str, registry: RegistryDep) -> ModelMetadata:
+    return oip.model_metadata(oip.lookup(registry, name))
+
+
+@router.get(
+    "/models/{name}/versions/{version}",
+    response_model=ModelMetadata,
+    responses=_ERRORS,
+    summary="Model metadata, one version",
+)
+async def model_version_metadata(name: str, version: str, registry: RegistryDep) -> ModelMetadata:
+    return oip.model_metadata(oip.lookup(registry, name, version))
+
+
+@router.get(
+    "/models/{name}/ready", response_model=ModelReady, responses=_ERRORS, summary="Model ready"
+)
+async def model_ready(name: str, registry: RegistryDep) -> ModelReady:
+    return _ready(registry, name, None)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    response_model=ModelReady,
+    responses=_ERRORS,
+    summary="Model ready, one version",
+)
+async def model_version_ready(name: str, version: str, registry: RegistryDep) -> ModelReady:
+    return _ready(registry, name, version)
+
+
+async def _infer(
+    request: Request, registry: RegistryDep, name: str, version: str | None
+) -> Response:
+    encoded = await oip.infer(
+        registry,
+        name,
+        version,
+        await request.body(),
+        request.headers.get(HEADER_LENGTH),
+        request.app.state.settings.max_samples_per_request,
+    )
+    return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
+
+
+_INFER_DOC = """The model's forward pass on a batch `[B, *input_shape]`: its output, named
+`output`, shaped `[B, *output_shape]`. Outputs asked for with `parameters.binary_data`
+(or the request's `parameters.binary_data_output`) come back as raw bytes after a JSON
+header of `Inference-Header-Content-Length` bytes."""
+
+
+@router.post(
+    "/models/{name}/infer",
+    response_model=InferResponse,
+    responses=_ERRORS,
+    openapi_extra=_INFER_BODY,
+    summary="Inference: the model's output",
+    description=_INFER_DOC,
+)
+async def infer(name: str, request: Request, registry: RegistryDep) -> Response:
+    return await _infer(request, registry, name, None)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    response_model=InferResponse,
+    responses=_ERRORS,
+    openapi_extra=_INFER_BODY,
+    summary="Inference on one version",
+    description=_INFER_DOC,
+)
+async def infer_version(
+    name: str, version: str, request: Request, registry: RegistryDep
+) -> Response:
+    return await _infer(request, registry, name, version)

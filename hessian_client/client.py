@@ -1,0 +1,420 @@
+"""``Client`` (blocking) and ``AsyncClient``: one call, one tensor.
+
+``Client(url).hessian("digits_cnn", x, output_index=2)`` sends ``x`` (numpy, torch or
+nested lists) as base64, asks for the binary encoding, and returns a ``torch.Tensor``
+(a numpy array with ``as_numpy=True``, or when torch is not installed). Errors come as
+one exception type, ``HessianServiceError``, carrying the server's problem details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import httpx
+import numpy as np
+
+from hessian_client._retry import RETRY_STATUSES, RetryPolicy
+from hessian_client._wire import (
+    HessianServiceError,
+    decode_response,
+    derivative_body,
+    error_from,
+)
+
+if TYPE_CHECKING:
+    from hessian_client.bulk import InputsLike
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+Kind = Literal["hessian", "jacobian"]
+Encoding = Literal["binary", "base64", "json"]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Result:
+    """A /hessian or /jacobian answer: the matrix, the model's output, the metadata."""
+
+    value: np.ndarray
+    output: np.ndarray
+    metadata: dict[str, Any]
+    model: str
+    model_version: str
+
+
+def as_array(x: Any) -> np.ndarray:
+    """numpy, torch (any device) or nested lists as a numpy array."""
+    if hasattr(x, "detach"):  # a torch.Tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def to_tensor(array: np.ndarray, as_numpy: bool) -> Any:
+    """A numpy array, or a torch.Tensor sharing a writable copy of it."""
+    if as_numpy:
+        return array
+    try:
+        import torch
+    except ImportError:  # the client works without torch: numpy it is
+        return array
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def _result(kind: Kind, response: httpx.Response) -> Result:
+    decoded = decode_response(response.content, response.headers)
+    body = decoded.body
+    return Result(
+        value=decoded.arrays[kind],
+        output=decoded.arrays["output"],
+        metadata=body.get("metadata", {}),
+        model=body.get("model", ""),
+        model_version=body.get("model_version", ""),
+    )
+
+
+class _Base:
+    def __init__(self, retries: int, backoff: float, max_backoff: float) -> None:
+        self.retry = RetryPolicy(retries=retries, backoff=backoff, max_backoff=max_backoff)
+
+    def _transport_error(self, what: str, exc: Exception) -> HessianServiceError:
+        error = HessianServiceError(
+            f"{what}: {type(exc).__name__}: {exc} (after {self.retry.retries + 1} tries)"
+        )
+        error.__cause__ = exc
+        return error
+
+    @staticmethod
+    def _body(
+        model: str,
+        x: Any,
+        output_index: int | list[int] | None,
+        objective: dict[str, Any] | None,
+        encoding: Encoding,
+        layout: str,
+        precision: str,
+    ) -> dict[str, Any]:
+        return derivative_body(
+            model,
+            as_array(x),
+            output_index=output_index,
+            objective=objective,
+            encoding=encoding,
+            layout=layout,
+            precision=precision,
+        )
+
+
+class Client(_Base):
+    """A blocking client for one hessian-service.
+
+    ``retries`` further tries on 429/503 (after ``Retry-After`` when the server sends one)
+    and on connection failures, with exponential backoff from ``backoff`` seconds.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        timeout: float = 300.0,
+        retries: int = 4,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        headers: dict[str, str] | None = None,
+        trust_env: bool = True,
+    ) -> None:
+        super().__init__(retries, backoff, max_backoff)
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(
+            base_url=self.url, timeout=timeout, headers=headers, trust_env=trust_env
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        retry_statuses: frozenset[int] = RETRY_STATUSES,
+        consume: Callable[[httpx.Response], T] | None = None,
+    ) -> Any:
+        """Send with retries; raise ``HessianServiceError`` on an error status.
+
+        With ``consume`` the response is streamed and ``consume(response)`` reads it (a
+        failure while reading is retried too); otherwise the read response is returned.
+        """
+        what = f"{method} {path}"
+        attempt = 0
+        while True:
+            try:
+                with self.http.stream(method, path, json=json) as response:
+                    if response.status_code in retry_statuses and attempt < self.retry.retries:
+                        response.close()
+                        time.sleep(self.retry.delay(attempt, response.headers.get("retry-after")))
+                        attempt += 1
+                        continue
+                    if response.is_error:
+                        raise error_from(response.status_code, response.read(), what)
+                    if consume is not None:
+                        return consume(response)
+                    response.read()
+                    return response
+            except httpx.TransportError as exc:
+                if attempt >= self.retry.retries:
+                    raise self._transport_error(what, exc) from exc
+                time.sleep(self.retry.delay(attempt))
+                attempt += 1
+
+    def health(self) -> dict[str, Any]:
+        """``GET /health/ready``'s body, with ``ready``: whether requests can be served."""
+        try:
+            response = self.request("GET", "/health/ready", retry_statuses=frozenset({429}))
+        except HessianServiceError as exc:
+            if exc.status != 503:
+                raise
+            return {**exc.problem, "ready": False}
+        return {**response.json(), "ready": True}
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every model the server knows: name, version, input and output shapes, ..."""
+        models: list[dict[str, Any]] = self.request("GET", "/models").json()["models"]
+        return models
+
+    def model(self, name: str) -> dict[str, Any]:
+        """One model's description (404 as ``HessianServiceError`` when it is unknown)."""
+        info: dict[str, Any] = self.request("GET", f"/models/{name}").json()
+        return info
+
+    def compute(
+        self,
+        kind: Kind,
+        model: str,
+        x: Any,
+        *,
+        output_index: int | list[int] | None = None,
+        objective: dict[str, Any] | None = None,
+        layout: str = "matrix",
+        precision: str = "float32",
+        encoding: Encoding = "binary",
+    ) -> Result:
+        """The whole answer of one /hessian or /jacobian request, as numpy arrays."""
+        body = self._body(model, x, output_index, objective, encoding, layout, precision)
+        return _result(kind, self.request("POST", f"/{kind}", json=body))
+
+    def hessian(
+        self,
+        model: str,
+        x: Any,
+        *,
+        output_index: int | list[int] | None = None,
+        objective: dict[str, Any] | None = None,
+        layout: str = "matrix",
+        precision: str = "float32",
+        encoding: Encoding = "binary",
+        as_numpy: bool = False,
+    ) -> Any:
+        """The input Hessian: ``[n, n]`` for one sample, ``[B, n, n]`` for a batch."""
+        result = self.compute(
+            "hessian",
+            model,
+            x,
+            output_index=output_index,
+            objective=objective,
+            layout=layout,
+            precision=precision,
+            encoding=encoding,
+        )
+        return to_tensor(result.value, as_numpy)
+
+    def jacobian(
+        self,
+        model: str,
+        x: Any,
+        *,
+        output_index: int | list[int] | None = None,
+        objective: dict[str, Any] | None = None,
+        layout: str = "matrix",
+        precision: str = "float32",
+        encoding: Encoding = "binary",
+        as_numpy: bool = False,
+    ) -> Any:
+        """The input Jacobian: ``[m, n]`` (all outputs), ``[n]`` for one index, ..."""
+        result = self.compute(
+            "jacobian",
+            model,
+            x,
+            output_index=output_index,
+            objective=objective,
+            layout=layout,
+            precision=precision,
+            encoding=encoding,
+        )
+        return to_tensor(result.value, as_numpy)
+
+    def bulk_hessian(self, model: str, inputs: InputsLike, **options: Any) -> Path:
+        """Hessians of many inputs streamed to a file; see ``hessian_client.bulk.run``."""
+        from hessian_client.bulk import run
+
+        return run(self, "hessian", model, inputs, **options)
+
+    def bulk_jacobian(self, model: str, inputs: InputsLike, **options: Any) -> Path:
+        """Jacobians of many inputs streamed to a file; see ``hessian_client.bulk.run``."""
+        from hessian_client.bulk import run
+
+        return run(self, "jacobian", model, inputs, **options)
+
+
+class AsyncClient(_Base):
+    """The asyncio twin of ``Client`` (httpx.AsyncClient), with the same retries."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        timeout: float = 300.0,
+        retries: int = 4,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        headers: dict[str, str] | None = None,
+        trust_env: bool = True,
+    ) -> None:
+        super().__init__(retries, backoff, max_backoff)
+        self.url = url.rstrip("/")
+        self.http = httpx.AsyncClient(
+            base_url=self.url, timeout=timeout, headers=headers, trust_env=trust_env
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        retry_statuses: frozenset[int] = RETRY_STATUSES,
+    ) -> httpx.Response:
+        """Send with retries; raise ``HessianServiceError`` on an error status."""
+        what = f"{method} {path}"
+        attempt = 0
+        while True:
+            try:
+                response = await self.http.request(method, path, json=json)
+            except httpx.TransportError as exc:
+                if attempt >= self.retry.retries:
+                    raise self._transport_error(what, exc) from exc
+                await asyncio.sleep(self.retry.delay(attempt))
+                attempt += 1
+                continue
+            if response.status_code in retry_statuses and attempt < self.retry.retries:
+                await asyncio.sleep(self.retry.delay(attempt, response.headers.get("retry-after")))
+                attempt += 1
+                continue
+            if response.is_error:
+                raise error_from(response.status_code, response.content, what)
+            return response
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /health/ready``'s body, with ``ready``: whether requests can be served."""
+        try:
+            response = await self.request("GET", "/health/ready", retry_statuses=frozenset({429}))
+        except HessianServiceError as exc:
+            if exc.status != 503:
+                raise
+            return {**exc.problem, "ready": False}
+        return {**response.json(), "ready": True}
+
+    async def models(self) -> list[dict[str, Any]]:
+        """Every model the server knows."""
+        models: list[dict[str, Any]] = (await self.request("GET", "/models")).json()["models"]
+        return models
+
+    async def model(self, name: str) -> dict[str, Any]:
+        """One model's description."""
+        info: dict[str, Any] = (await self.request("GET", f"/models/{name}")).json()
+        return info
+
+    async def compute(
+        self,
+        kind: Kind,
+        model: str,
+        x: Any,
+        *,
+        output_index: int | list[int] | None = None,
+        objective: dict[str, Any] | None = None,
+        layout: str = "matrix",
+        precision: str = "float32",
+        encoding: Encoding = "binary",
+    ) -> Result:
+        """The whole answer of one /hessian or /jacobian request, as numpy arrays."""
+        body = self._body(model, x, output_index, objective, encoding, layout, precision)
+        return _result(kind, await self.request("POST", f"/{kind}", json=body))
+
+    async def hessian(
+        self,
+        model: str,
+        x: Any,
+        *,
+        output_index: int | list[int] | None = None,
+        objective: dict[str, Any] | None = None,
+        layout: str = "matrix",
+        precision: str = "float32",
+        encoding: Encoding = "binary",
+        as_numpy: bool = False,
+    ) -> Any:
+        """The input Hessian, as ``Client.hessian``."""
+        result = await self.compute(
+            "hessian",
+            model,
+            x,
+            output_index=output_index,
+            objective=objective,
+            layout=layout,
+            precision=precision,
+            encoding=encoding,
+        )
+        return to_tensor(result.value, as_numpy)
+
+    async def jacobian(
+        self,
+        model: str,
+        x: Any,
+        *,
+        output_index: int | list[int] | None = None,
+        objective: dict[str, Any] | None = None,
+        layout: str = "matrix",
+        precision: str = "float32",
+        encoding: Encoding = "binary",
+        as_numpy: bool = False,
+    ) -> Any:
+        """The input Jacobian, as ``Client.jacobian``."""
+        result = await self.compute(
+            "jacobian",
+            model,
+            x,
+            output_index=output_index,
+            objective=objective,
+            layout=layout,
+            precision=precision,
+            encoding=encoding,
+        )
+        return to_tensor(result.value, as_numpy)
