@@ -9,19 +9,25 @@ from app.errors import PROBLEM_CONTENT_TYPE, problem
 
 
 class BodySizeLimit:
-    """Refuse bodies over ``limit`` bytes with 413, by Content-Length or while streaming."""
+    """Refuse bodies over ``limit`` bytes with 413, by Content-Length or while streaming.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    ``path_limits`` maps ``(method, path)`` to another limit (model uploads are larger).
+    """
+
+    def __init__(
+        self, app: ASGIApp, limit: int, path_limits: dict[tuple[str, str], int] | None = None
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.path_limits = path_limits or {}
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, send: Send, limit: int) -> None:
         body = codec.dumps(
             problem(
                 413,
                 "Too large",
-                f"request body is over this server's limit of {self.limit} bytes",
-                limit_bytes=self.limit,
+                f"request body is over this server's limit of {limit} bytes",
+                limit_bytes=limit,
             )
         )
         await send(
@@ -40,9 +46,10 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.path_limits.get((scope["method"], scope["path"]), self.limit)
         for key, value in scope["headers"]:
-            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await self._refuse(send)
+            if key == b"content-length" and value.isdigit() and int(value) > limit:
+                await self._refuse(send, limit)
                 return
         if any(key == b"content-length" for key, _ in scope["headers"]):
             await self.app(scope, receive, send)  # the server stops at Content-Length
@@ -56,8 +63,8 @@ class BodySizeLimit:
                 break
             chunk = message.get("body", b"")
             received += len(chunk)
-            if received > self.limit:
-                await self._refuse(send)
+            if received > limit:
+                await self._refuse(send, limit)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -231,6 +231,7 @@ class DerivativeService:
             prepared.x,
             output_index=prepared.output_index,
             objective=prepared.objective,
+            method=prepared.model.method(prepared.kind),  # chosen by the load-time probe
             memory_budget_bytes=self.settings.memory_budget_bytes,
         )
         if prepared.x.device.type == "cuda":

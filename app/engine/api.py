@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from app.engine import generic, structured
+from app.engine import generic, rowloop, structured
 from app.engine.objectives import Objective
 from app.engine.planner import (
     DEFAULT_MEMORY_BUDGET_BYTES,
@@ -29,8 +29,11 @@ from app.engine.planner import (
 )
 from app.engine.structure import Curvature, classify
 
-HESSIAN_METHODS = ("auto", "structured", "generic")
-JACOBIAN_METHODS = ("auto", "structured", "generic")
+# "autograd": the per-row torch.autograd loop (app.engine.rowloop), for models that
+# torch.func transforms cannot run (the registry's capability probe picks it).
+HESSIAN_METHODS = ("auto", "structured", "generic", "autograd")
+JACOBIAN_METHODS = ("auto", "structured", "generic", "autograd")
+ROW_LOOP = "autograd:row-loop"
 OutputIndex = int | Sequence[int] | None
 
 
@@ -182,7 +185,8 @@ def _output_count(model: nn.Module, x: torch.Tensor) -> int:
 def _structured_network(
     api: str, model: nn.Module, x: torch.Tensor, method: str
 ) -> structured.Network | None:
-    network = structured.parse(model, tuple(x.shape[1:])) if method != "generic" else None
+    skip_structured = method in ("generic", "autograd")
+    network = None if skip_structured else structured.parse(model, tuple(x.shape[1:]))
     if method == "structured" and network is None:
         raise ValueError(
             f"{api}: method='structured' supports Sequential networks of Conv1d/2d, "
@@ -239,7 +243,8 @@ def compute_hessian(
     """Input Hessians of selected outputs (or of an objective) for each sample of ``x``.
 
     ``method``: ``auto`` (structured when the network supports it, else generic),
-    ``structured`` or ``generic``. ``memory_budget_bytes`` bounds the working memory: it
+    ``structured``, ``generic`` or ``autograd`` (a per-row loop, for models that
+    torch.func cannot transform). ``memory_budget_bytes`` bounds the working memory: it
     sets how many samples (and, on the generic path, basis vectors) are processed at
     once; a smaller budget is slower, never different.
     """
@@ -286,6 +291,9 @@ def compute_hessian(
     )
     targets = _targets(selection, batch, m, x)
     scalars = _scalars_fn(model, selection)
+    if method == "autograd":
+        matrix = rowloop.hessian(scalars, x, targets)
+        return _result(model, matrix, output, replace(plan, method=ROW_LOOP), selection)
     with torch.no_grad():
         try:
             matrix = _generic_hessian(scalars, x, targets, plan)
@@ -356,6 +364,12 @@ def compute_jacobian(
     )
     scalars = _scalars_with_output_fn(model, selection)
     targets = _targets(selection, batch, m, x)
+    if method == "autograd":
+        matrix, flat_output = rowloop.jacobian(scalars, x, targets)
+        plan = replace(plan, method=ROW_LOOP)
+        return _result(
+            model, matrix, flat_output.reshape(batch, *probe.output_shape), plan, selection
+        )
     with torch.no_grad():
         if plan.method == "generic:reverse" and selection.indices is not None:
             cotangents = torch.eye(m, dtype=x.dtype, device=x.device)[selection.indices]
