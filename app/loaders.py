@@ -13,6 +13,7 @@ is wrapped so that it takes any batch (one sample at a time).
 from __future__ import annotations
 
 import contextlib
+import io
 from pathlib import Path
 
 import torch
@@ -66,7 +67,8 @@ def _load_torchscript(path: Path) -> nn.Module:
 
 
 def _load_export(path: Path) -> nn.Module:
-    program = torch.export.load(str(path))
+    # From a buffer: torch.export.load wants a path ending in .pt2, a buffer may be any.
+    program = torch.export.load(io.BytesIO(path.read_bytes()))
     module: nn.Module = program.module()
     return module
 
@@ -91,7 +93,9 @@ def freeze(module: nn.Module) -> nn.Module:
     """
     with contextlib.suppress(NotImplementedError):
         module.eval()
-    module.requires_grad_(False)
+    # ScriptModules refuse requires_grad_(); setting each parameter's flag works for all.
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
     return module
 
 

@@ -94,7 +94,7 @@ class Manifest(BaseModel):
         return f"{self.name}@{self.version}"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two loads of one file are two models
 class LoadedModel:
     """A ready model on its device, its probe report, and a twin in the other dtype made
     on first use."""
@@ -288,7 +288,7 @@ class Registry:
                 removed = [current[version]]
                 rest = {v: m for v, m in current.items() if v != version}
             else:
-                removed, rest = list(current.values()), {}
+                removed, rest = [current[v] for v in sorted(current, key=version_key)], {}
             if rest:
                 versions[name] = rest
             else:

@@ -118,6 +118,26 @@ _PROBES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], _Probe]] 
 )
 
 
+def _takes_no_hooks(model: nn.Module) -> bool:
+    """TorchScript modules (anywhere inside) refuse forward hooks."""
+    return any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
+
+
+def _saved_tensor_numel(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The output, and the elements autograd saves for the backward pass of one forward:
+    the activation memory of a model whose layers cannot be hooked."""
+    numel = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal numel
+        numel += tensor.numel()
+        return tensor
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        output = model(x.detach().requires_grad_(True))
+    return output.detach(), numel
+
+
 def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
     key = (tuple(x.shape[1:]), x.dtype, x.device)
     known = _PROBES.setdefault(model, {})
@@ -130,6 +150,10 @@ def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
         if isinstance(output, torch.Tensor):
             numel += output.numel()
 
+    if _takes_no_hooks(model):
+        output, numel = _saved_tensor_numel(model, x[:1])
+        known[key] = _Probe(tuple(output.shape[1:]), max(numel, int(output.numel())))
+        return known[key]
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad():
