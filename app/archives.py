@@ -132,7 +132,7 @@ def _check_safetensors(file: BinaryIO, size: int) -> None:
     if head[8:9] != b"{" or not 2 <= header_len <= min(size - 8, SAFETENSORS_MAX_HEADER):
         raise UnsafeModelFile(
             f"file: expected safetensors weights (safetensors.torch.save_file) for format "
-            f"'zoo', got {_what_it_is(head)}"
+            f"'zoo', got {_what_it_is(head)}; it is refused without being loaded"
         )
     try:
         json.loads(head[8:] + file.read(header_len - 1))

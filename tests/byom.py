@@ -62,12 +62,12 @@ class ReluMLP(nn.Module):
 class Branchy(nn.Module):
     """Data-dependent control flow: ``vmap`` cannot run it, plain autograd can."""
 
-    def __init__(self) -> None:
+    def __init__(self, inputs: int = 4) -> None:
         super().__init__()
-        self.a = nn.Linear(4, 3)
+        self.a = nn.Linear(inputs, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bool(x.sum() > -1000.0):
+        if bool(x.sum() > -1e9):
             return torch.tanh(self.a(x)) ** 2
         return self.a(x)
 
