@@ -60,25 +60,47 @@ def _is_allowed(module: str, name: str) -> bool:
     return (module, name) in ALLOWED_GLOBALS
 
 
+STRING_PUSHES = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"})
+MEMO_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+
+
 def pickle_globals(data: bytes) -> set[tuple[str, str]] | None:
     """The globals a pickle names, or None when ``data`` does not parse as a pickle.
 
     ``pickletools.genops`` only parses opcodes; nothing is imported or called.
+    ``STACK_GLOBAL`` takes its two names from the stack: they are known only when the
+    two operations before it (memo writes aside, which leave the stack alone) pushed
+    strings, directly or from the memo; otherwise the global is reported as ``?.?``,
+    which is never allowed.
     """
     found: set[tuple[str, str]] = set()
-    strings: list[str] = []
+    memo: dict[int, str | None] = {}
+    pushed: list[str | None] = []  # values pushed since the last other operation
     try:
         for opcode, arg, _ in pickletools.genops(data):
-            if opcode.name in ("GLOBAL", "INST"):
-                module, _, name = str(arg).partition(" ")
-                found.add((module, name))
-            elif opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-                strings.append(str(arg))
-            elif opcode.name == "STACK_GLOBAL":
-                # The two strings pushed last; memo tricks (BINGET) could hide them, so an
-                # unknown pair is refused, never allowed.
-                pair = (strings[-2], strings[-1]) if len(strings) >= 2 else ("?", "?")
-                found.add(pair)
+            name = opcode.name
+            if name in STRING_PUSHES:
+                pushed.append(str(arg))
+                continue
+            if name in MEMO_GETS:
+                pushed.append(memo.get(int(str(arg))))
+                continue
+            if name == "MEMOIZE" or name in MEMO_PUTS:
+                index = len(memo) if name == "MEMOIZE" else int(str(arg))
+                memo[index] = pushed[-1] if pushed else None
+                continue
+            if name in ("GLOBAL", "INST"):
+                module, _, attribute = str(arg).partition(" ")
+                found.add((module, attribute))
+            elif name == "STACK_GLOBAL":
+                module_name = pushed[-2] if len(pushed) >= 2 else None
+                attribute_name = pushed[-1] if pushed else None
+                if module_name is None or attribute_name is None:
+                    found.add(("?", "?"))
+                else:
+                    found.add((module_name, attribute_name))
+            pushed = []
     except Exception:  # any parse failure: not a (complete) pickle
         return None
     return found

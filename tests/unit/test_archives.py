@@ -3,6 +3,7 @@ refused, real archives pass, and the refused payloads are live (they would have 
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from tests.byom import (
 )
 
 LIMIT = 1 << 30
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def _write(tmp_path: Path, name: str, data: bytes) -> Path:
@@ -122,4 +124,41 @@ def test_unpacked_size_is_limited(tmp_path: Path) -> None:
 def test_pickle_globals_sees_every_protocol(tmp_path: Path, protocol: int) -> None:
     data = pickle.dumps(Payload(tmp_path / "x"), protocol=protocol)
     assert pickle_globals(data) == {("io", "open")}
+    assert _resolved_by_pickle(data) == ("io", "open")
     assert pickle_globals(b"\x00\x01not a pickle") is None
+
+
+class _Recorder(pickle.Unpickler):
+    """Python's own unpickler, stopped at the first global it would import."""
+
+    def find_class(self, module: str, name: str) -> object:
+        raise LookupError((module, name))
+
+
+def _resolved_by_pickle(data: bytes) -> tuple[str, str]:
+    with pytest.raises(LookupError) as caught:
+        _Recorder(io.BytesIO(data)).load()
+    resolved: tuple[str, str] = caught.value.args[0]
+    return resolved
+
+
+def test_stack_global_names_hidden_in_the_memo_are_not_trusted() -> None:
+    """Names memoized early and fetched later resolve to the memo's strings, not to the
+    strings pushed last; a pair that cannot be resolved is refused."""
+    hidden = (
+        b"\x80\x04"
+        b"\x8c\x02io\x94"  # "io", MEMOIZE -> memo 0
+        b"\x8c\x04open\x94"  # "open", MEMOIZE -> memo 1
+        b"0"  # POP
+        b"0"  # POP
+        b"\x8c\x0bcollections\x8c\x0bOrderedDict"
+        b"0"  # POP
+        b"0"  # POP
+        b"h\x00h\x01"  # BINGET 0, BINGET 1
+        b"\x93"  # STACK_GLOBAL -> io.open
+        b")R."  # EMPTY_TUPLE, REDUCE, STOP
+    )
+    assert pickle_globals(hidden) == {("io", "open")}
+    assert _resolved_by_pickle(hidden) == ("io", "open")  # what the real unpickler asks for
+    unresolved = b"\x80\x04\x8c\x02io\x8c\x04open\x86\x94h\x00\x93)R."  # names via a tuple
+    assert pickle_globals(unresolved) == {("?", "?")}
