@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.func import jvp, vmap
 
-from app.engine import Curvature, classify, compute_hessian, compute_jacobian
+from app.engine import Curvature, classify, compute_hessian, compute_jacobian, structured
 
 # Operators whose output is affine in their tensor inputs (or that only look at shapes).
 AFFINE_OPS = frozenset(
@@ -129,6 +129,9 @@ RANDOM_MODULES: tuple[type[nn.Module], ...] = (
     nn.FeatureAlphaDropout,
 )
 _ATEN_IN_TEXT = re.compile(r"aten::(\w+)")
+# Above this many Hessian entries (n x n for one sample, 256 MB in float32) the probe does
+# not compute a trial Hessian.
+MAX_PROBE_HESSIAN_ENTRIES = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -223,13 +226,47 @@ def _works(check: object) -> tuple[bool, str | None]:
     return True, None
 
 
-def probe(module: nn.Module, sample_shape: list[int], *, batch: str) -> Capabilities:
-    """Probe ``module`` (frozen, on its device, in its dtype) on a seeded input."""
-    parameter = next(iter(module.parameters()), None)
-    buffer = next(iter(module.buffers()), None)
-    reference = parameter if parameter is not None else buffer
-    device = reference.device if reference is not None else torch.device("cpu")
-    dtype = reference.dtype if reference is not None else torch.float32
+def _choose_methods(
+    module: nn.Module, x: torch.Tensor, vmap_ok: bool, notes: list[str]
+) -> tuple[str, str, str]:
+    """``(engine_path, hessian_method, jacobian_method)`` from trying the engine on one
+    sample; the Hessian trial is skipped (and the path read from the network's layers)
+    when one ``n x n`` matrix would be too large to compute just to find out."""
+    sample_shape = tuple(x.shape[1:])
+    n = x[0].numel()
+    if not vmap_ok:
+        compute_hessian(module, x[:1], output_index=0, method="autograd")
+        return "autograd", "autograd", "autograd"
+    if n * n > MAX_PROBE_HESSIAN_ENTRIES:
+        notes.append(f"Hessian probe skipped: {n} x {n} entries is too large for a trial")
+        path = "structured" if structured.parse(module, sample_shape) is not None else "generic"
+        return path, path, "auto"
+    try:
+        result = compute_hessian(module, x[:1], output_index=0)
+        compute_jacobian(module, x[:1], output_index=0)
+    except Exception as error:  # torch.func cannot run it: the row loop will
+        notes.append(f"torch.func: {_first_line(error)}; using the autograd row loop")
+        compute_hessian(module, x[:1], output_index=0, method="autograd")
+        return "autograd", "autograd", "autograd"
+    path = "structured" if result.method == "structured" else "generic"
+    return path, path, "auto"
+
+
+def probe(
+    module: nn.Module,
+    sample_shape: list[int],
+    *,
+    batch: str,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Capabilities:
+    """Probe ``module`` (frozen, on ``device``, in ``dtype``: by default those of its
+    first parameter or buffer) on a seeded input."""
+    reference = next(iter([*module.parameters(), *module.buffers()]), None)
+    if device is None:
+        device = reference.device if reference is not None else torch.device("cpu")
+    if dtype is None:
+        dtype = reference.dtype if reference is not None else torch.float32
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, *sample_shape, generator=generator).to(device=device, dtype=dtype)
     notes: list[str] = []
@@ -252,21 +289,7 @@ def probe(module: nn.Module, sample_shape: list[int], *, batch: str) -> Capabili
     jvp_ok, jvp_error = _works(forward_mode)
     notes += [f"vmap: {vmap_error}"] if vmap_error else []
     notes += [f"forward mode: {jvp_error}"] if jvp_error else []
-
-    hessian_method = jacobian_method = "autograd"
-    engine_path = "autograd"
-    if vmap_ok:
-        try:
-            result = compute_hessian(module, x[:1], output_index=0)
-            engine_path = "structured" if result.method == "structured" else "generic"
-            hessian_method = engine_path
-            compute_jacobian(module, x[:1], output_index=0)
-            jacobian_method = "auto"
-        except Exception as error:  # torch.func cannot run it: the row loop will
-            notes.append(f"torch.func: {_first_line(error)}; using the autograd row loop")
-            hessian_method = jacobian_method = engine_path = "autograd"
-    if engine_path == "autograd":
-        compute_hessian(module, x[:1], output_index=0, method="autograd")
+    engine_path, hessian_method, jacobian_method = _choose_methods(module, x, vmap_ok, notes)
 
     random, evidence = _random_evidence(module, x)
     precisions = [str(dtype).removeprefix("torch.")]

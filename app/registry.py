@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
 import threading
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from torch import nn
 from app.archives import Format
 from app.capabilities import Capabilities, probe
 from app.engine import Curvature
-from app.errors import Conflict, NotFound, NotReady
+from app.errors import Conflict, InvalidInput, NotFound, NotReady
 from app.loaders import DEFAULT_FILES, OneSampleAtATime, accepts_batches, freeze, load_module
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$"
 FILE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_MAX_UNPACKED_BYTES = 4 << 30
+# Per-sample inputs larger than this could not have their Hessian computed anyway (n^2).
+MAX_INPUT_ELEMENTS = 1 << 20
 
 
 class Manifest(BaseModel):
@@ -77,6 +80,11 @@ class Manifest(BaseModel):
 
     @model_validator(mode="after")
     def _format_fields(self) -> Manifest:
+        if math.prod(self.input_shape) > MAX_INPUT_ELEMENTS:
+            raise ValueError(
+                f"input_shape: at most {MAX_INPUT_ELEMENTS} elements per sample, got "
+                f"{math.prod(self.input_shape)}"
+            )
         if self.format == "zoo" and not self.architecture:
             raise ValueError("architecture: required for format 'zoo' (a name in app.zoo)")
         if self.format != "zoo" and self.architecture:
@@ -114,6 +122,13 @@ class LoadedModel:
         cached copies)."""
         if dtype == DTYPES[self.manifest.dtype]:
             return self.module
+        name = str(dtype).removeprefix("torch.")
+        if self.capabilities is not None and name not in self.capabilities.precisions:
+            raise InvalidInput(
+                f"precision: model {self.manifest.ref} runs in "
+                f"{', '.join(self.capabilities.precisions)} only (see its capability report)",
+                field="precision",
+            )
         with self._lock:
             if dtype not in self._twins:
                 self._twins[dtype] = copy.deepcopy(self.module).to(dtype)
@@ -199,7 +214,7 @@ def load_model(
         )
     manifest = manifest.model_copy(update={"output_shape": measured})
     # The probe also pays the first use of the torch.func transforms (about a second).
-    capabilities = probe(module, manifest.input_shape, batch=batch)
+    capabilities = probe(module, manifest.input_shape, batch=batch, device=device, dtype=dtype)
     return LoadedModel(
         manifest,
         module,

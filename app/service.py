@@ -277,7 +277,8 @@ class DerivativeService:
                 "layout": request.layout,
                 "compute_ms": round(compute_ms, 3),
                 "zero": zero,
-                "notes": _notes(prepared.kind, result.curvature, prepared.objective, zero),
+                # The load-time curvature: it also reads TorchScript and export graphs.
+                "notes": _notes(prepared.kind, prepared.model.curvature, prepared.objective, zero),
             },
         }
 

@@ -129,3 +129,10 @@ def with_entry_replaced(archive: bytes, suffix: str, data: bytes) -> bytes:
             content = data if info.filename.endswith(suffix) else source.read(info)
             target.writestr(info, content)
     return out.getvalue()
+
+
+class Float32Only(nn.Module):
+    """Multiplies by a float32 constant made in ``forward``: float64 inputs fail."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mm(torch.tanh(x), torch.ones(4, 2))

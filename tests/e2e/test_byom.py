@@ -24,6 +24,8 @@ from torch import nn
 
 from tests.byom import (
     Branchy,
+    Float32Only,
+    ReluMLP,
     SoftMLP,
     TinyConv,
     export_bytes,
@@ -171,6 +173,35 @@ def test_a_model_vmap_cannot_run_is_served_by_the_row_loop(admin: httpx.Client) 
     assert body["metadata"]["method"] == "autograd:row-loop"
     assert_matches(ours, local_hessians(original, x, 1))
     assert admin.delete("/models/branchy", headers=AUTH).status_code == 200
+
+
+def test_an_uploaded_relu_net_is_reported_zero_almost_everywhere(admin: httpx.Client) -> None:
+    relu = seeded(ReluMLP(), seed=13)
+    archive = export_bytes(relu, torch.randn(2, 5), dynamic_batch=True)
+    manifest = {"name": "relu_upload", "version": "1", "format": "export", "input_shape": [5]}
+    report = register(admin, manifest, archive).json()["capabilities"]
+    assert (report["curvature"], report["hessian_zero"]) == (
+        "piecewise_linear",
+        "almost_everywhere",
+    )
+    body = admin.post(
+        "/hessian",
+        json={"model": "relu_upload", "inputs": tensor([5], [0.3] * 5), "output_index": 0},
+    ).json()
+    assert not decode(body["outputs"][0]).any()
+    assert any("zero almost everywhere" in note for note in body["metadata"]["notes"])
+    assert admin.delete("/models/relu_upload", headers=AUTH).status_code == 200
+
+
+def test_a_precision_the_model_cannot_run_is_422(admin: httpx.Client) -> None:
+    manifest = {"name": "f32", "version": "1", "format": "torchscript", "input_shape": [4]}
+    response = register(admin, manifest, torchscript_bytes(Float32Only()))
+    assert response.json()["capabilities"]["precisions"] == ["float32"]
+    request = {"model": "f32", "inputs": tensor([4], [0.1] * 4), "output_index": 1}
+    assert admin.post("/hessian", json=request).status_code == 200
+    body = problem(admin.post("/hessian", json={**request, "precision": "float64"}), 422)
+    assert body["field"] == "precision"
+    assert admin.delete("/models/f32", headers=AUTH).status_code == 200
 
 
 # --- the token ----------------------------------------------------------------------------

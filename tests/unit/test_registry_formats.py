@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from app.capabilities import curvature_of, probe
+from app.capabilities import MAX_PROBE_HESSIAN_ENTRIES, curvature_of, probe
 from app.engine import Curvature, Objective, compute_hessian, compute_jacobian
-from app.errors import Conflict, NotFound
+from app.errors import Conflict, InvalidInput, NotFound
 from app.registry import LoadedModel, Manifest, Registry, load_model, version_key
 from tests.byom import (
     Branchy,
+    Float32Only,
     ReluMLP,
     SoftMLP,
     TinyConv,
@@ -201,3 +202,25 @@ def test_manifest_checks() -> None:
         Manifest(name="a", version="1", format="export", input_shape=[2], file="../x.pt2")
     manifest = Manifest(name="a", version="1", format="export", input_shape=[2])
     assert manifest.file_name == "model.pt2"
+
+
+def test_a_precision_the_model_cannot_run_is_a_422_error(tmp_path: Path) -> None:
+    folder = _folder(tmp_path, "f32", "torchscript", torchscript_bytes(Float32Only()), [4])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "dtype": "float32"}))
+    loaded = load_model(folder, CPU)
+    assert loaded.capabilities is not None
+    assert loaded.capabilities.precisions == ("float32",)
+    assert any(note.startswith("torch.float64:") for note in loaded.capabilities.notes)
+    with pytest.raises(InvalidInput, match="runs in float32 only") as caught:
+        loaded.for_dtype(torch.float64)
+    assert caught.value.field == "precision"
+
+
+def test_no_trial_hessian_for_huge_inputs() -> None:
+    n = 8193  # n * n is just over MAX_PROBE_HESSIAN_ENTRIES
+    assert n * n > MAX_PROBE_HESSIAN_ENTRIES >= (n - 1) ** 2
+    wide = nn.Sequential(nn.Linear(n, 2), nn.Tanh()).eval().requires_grad_(False)
+    report = probe(wide, [n], batch="any")
+    assert report.engine_path == "structured"
+    assert any("Hessian probe skipped" in note for note in report.notes)
