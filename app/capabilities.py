@@ -20,7 +20,14 @@ import torch
 from torch import nn
 from torch.func import jvp, vmap
 
-from app.engine import Curvature, classify, compute_hessian, compute_jacobian, structured
+from app.engine import (
+    AUTODIFF_LOCK,
+    Curvature,
+    classify,
+    compute_hessian,
+    compute_jacobian,
+    structured,
+)
 
 # Operators whose output is affine in their tensor inputs (or that only look at shapes).
 AFFINE_OPS = frozenset(
@@ -261,7 +268,23 @@ def probe(
     dtype: torch.dtype | None = None,
 ) -> Capabilities:
     """Probe ``module`` (frozen, on ``device``, in ``dtype``: by default those of its
-    first parameter or buffer) on a seeded input."""
+    first parameter or buffer) on a seeded input.
+
+    Holds the engine's ``AUTODIFF_LOCK`` throughout: derivative requests wait for the
+    probe (about a second) instead of sharing torch's process-wide forward-AD state.
+    """
+    with AUTODIFF_LOCK:
+        return _probe(module, sample_shape, batch=batch, device=device, dtype=dtype)
+
+
+def _probe(
+    module: nn.Module,
+    sample_shape: list[int],
+    *,
+    batch: str,
+    device: torch.device | None,
+    dtype: torch.dtype | None,
+) -> Capabilities:
     reference = next(iter([*module.parameters(), *module.buffers()]), None)
     if device is None:
         device = reference.device if reference is not None else torch.device("cpu")

@@ -105,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         registry.load_dir(settings.models_dir)
+        uploads.start()
         # Uploaded models (HESSIAN_UPLOAD_DIR) win over a models_dir folder of the same
         # name@version: the operator replaced it through the admin API.
         registry.load_dir(uploads.root, source="upload", replace=True)

@@ -21,12 +21,18 @@ class UploadStore:
     """The folders of uploaded models under ``root``."""
 
     def __init__(self, root: Path | None) -> None:
-        self.temporary = root is None
-        self.root = Path(tempfile.mkdtemp(prefix="hessian-uploads-")) if root is None else root
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.configured = root
+        self.root = root or Path(tempfile.gettempdir())  # set by start()
         # One registration at a time reaches the commit step (disk rename + registry swap).
         self.lock = threading.Lock()
-        for leftover in self.root.glob(f"{STAGING_PREFIX}*"):  # from an interrupted upload
+
+    def start(self) -> None:
+        """Create the folder (a temporary one when none is configured) and remove what
+        an interrupted upload left behind."""
+        if self.configured is None:
+            self.root = Path(tempfile.mkdtemp(prefix="hessian-uploads-"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        for leftover in self.root.glob(f"{STAGING_PREFIX}*"):
             shutil.rmtree(leftover, ignore_errors=True)
 
     def stage(self) -> Path:
@@ -57,5 +63,5 @@ class UploadStore:
             shutil.rmtree(folder, ignore_errors=True)
 
     def close(self) -> None:
-        if self.temporary:
+        if self.configured is None:
             shutil.rmtree(self.root, ignore_errors=True)

@@ -9,10 +9,13 @@ as in ``torch.func``. The HTTP service calls exactly these functions.
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import ParamSpec, TypeVar
 
 import torch
 from torch import nn
@@ -35,6 +38,23 @@ HESSIAN_METHODS = ("auto", "structured", "generic", "autograd")
 JACOBIAN_METHODS = ("auto", "structured", "generic", "autograd")
 ROW_LOOP = "autograd:row-loop"
 OutputIndex = int | Sequence[int] | None
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+# torch's forward-mode AD levels are process-wide, not per thread: two threads running
+# jvp at once corrupt each other's levels ("Trying to access a forward AD level with an
+# invalid index"). The entry points below, and anything else in the process that runs
+# torch.func transforms (the registry's load-time probe), hold this lock.
+AUTODIFF_LOCK = threading.RLock()
+
+
+def _serialized(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    @functools.wraps(function)
+    def locked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with AUTODIFF_LOCK:
+            return function(*args, **kwargs)
+
+    return locked
 
 
 @dataclass(frozen=True)
@@ -255,6 +275,7 @@ def _generic_hessian(
     return _in_chunks(plan.batch_chunk, x, targets, chunk)[0]
 
 
+@_serialized
 def compute_hessian(
     model: nn.Module,
     x: torch.Tensor,
@@ -327,6 +348,7 @@ def compute_hessian(
     return _result(model, matrix, output, plan, selection)
 
 
+@_serialized
 def compute_jacobian(
     model: nn.Module,
     x: torch.Tensor,

@@ -347,7 +347,12 @@ def test_register_query_delete_under_concurrent_traffic(admin: httpx.Client) -> 
         with httpx.Client(base_url=str(admin.base_url), timeout=60, trust_env=False) as http:
             while not stop.is_set() or len(statuses) < 20:
                 body = {"model": "quadratic4", "inputs": tensor([4], [1.0] * 4)}
-                response = http.post("/hessian", json={**body, "output_index": 2})
+                try:
+                    response = http.post("/hessian", json={**body, "output_index": 2})
+                except httpx.HTTPError as error:  # counted as a failed request
+                    wrong.append(repr(error))
+                    statuses.append(0)
+                    continue
                 statuses.append(response.status_code)
                 if response.status_code == 200:
                     got = decode(response.json()["outputs"][0])
@@ -360,7 +365,8 @@ def test_register_query_delete_under_concurrent_traffic(admin: httpx.Client) -> 
         original = seeded(SoftMLP(), seed=5)
         manifest = {"name": "live", "version": "1", "format": "torchscript", "input_shape": [6]}
         assert register(admin, manifest, torchscript_bytes(original)).status_code == 201
-        assert admin.get("/models/live").json()["capabilities"]["engine_path"] == "generic"
+        report = admin.get("/models/live").json()["capabilities"]
+        assert report["engine_path"] == "generic", report["notes"]
         x = torch.randn(2, 6, generator=torch.Generator().manual_seed(9))
         ours, _ = hessian_over_http(admin, "live", x, 0)
         assert_matches(ours, local_hessians(original, x, 0))
@@ -370,9 +376,9 @@ def test_register_query_delete_under_concurrent_traffic(admin: httpx.Client) -> 
     finally:
         stop.set()
         worker.join(timeout=60)
+    assert not wrong
     assert len(statuses) >= 20
     assert set(statuses) == {200}, statuses
-    assert not wrong
 
 
 def test_a_running_request_finishes_on_the_model_it_started_with(admin: httpx.Client) -> None:
