@@ -34,7 +34,7 @@ from tests.byom import (
     torch_save_zip,
     torchscript_bytes,
 )
-from tests.e2e.conftest import running_server
+from tests.e2e.conftest import ROOT, running_server
 from tests.e2e.test_server import decode, digit, problem, tensor
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -290,6 +290,16 @@ def test_bad_manifests_are_422(
     assert not (upload_dir.parent / "up").exists()
 
 
+def test_missing_or_broken_parts_are_422(admin: httpx.Client) -> None:
+    body = problem(admin.post("/models", headers=AUTH, data={"manifest": "{not json"}), 422)
+    assert body["field"] == "manifest"
+    manifest = {"name": "a", "version": "1", "format": "export", "input_shape": [2]}
+    no_file = admin.post("/models", headers=AUTH, data={"manifest": json.dumps(manifest)})
+    assert problem(no_file, 422, "file")["field"] == "file"
+    as_json = admin.post("/models", headers=AUTH, json=manifest)
+    assert problem(as_json, 422, "manifest")["field"] == "manifest"
+
+
 def test_a_bundled_name_and_version_is_not_overwritten_by_accident(admin: httpx.Client) -> None:
     weights = save({"weight": torch.full((1, 4), 9.0), "bias": torch.zeros(1)})
     manifest = {"name": "linear4", "version": "1", "architecture": "linear4", "input_shape": [4]}
@@ -442,3 +452,40 @@ def test_capability_reports_of_bundled_models(client: httpx.Client) -> None:
     hessian = client.post("/hessian", json=body).json()
     assert hessian["metadata"]["method"] == "structured"  # the report's path is the one used
     assert client.get("/models/linear4").json()["capabilities"]["hessian_zero"] == "everywhere"
+
+
+def test_a_model_folder_that_fails_is_listed_and_the_others_load(tmp_path: Path) -> None:
+    """A models dir with one good folder and two bad ones (a pickle posing as TorchScript,
+    a manifest naming an unknown architecture): the server starts, serves the good one,
+    lists the bad ones with their errors, and the pickle never ran."""
+    models = tmp_path / "models"
+    good = models / "quadratic4"
+    good.mkdir(parents=True)
+    bundled = ROOT / "models" / "quadratic4"
+    for name in ("manifest.json", "weights.safetensors"):
+        (good / name).write_bytes((bundled / name).read_bytes())
+    marker = tmp_path / "the-payload-ran"
+    evil = models / "evil"
+    evil.mkdir()
+    (evil / "model.pt").write_bytes(torch_save_zip(marker))
+    manifest = {"name": "evil", "version": "1", "format": "torchscript", "input_shape": [4]}
+    (evil / "manifest.json").write_text(json.dumps(manifest))
+    unknown = models / "unknown"
+    unknown.mkdir()
+    manifest = {"name": "unknown", "version": "1", "architecture": "nope", "input_shape": [4]}
+    (unknown / "manifest.json").write_text(json.dumps(manifest))
+    (unknown / "weights.safetensors").write_bytes(save({"weight": torch.zeros(1)}))
+    with (
+        running_server(HESSIAN_MODELS_DIR=str(models)) as url,
+        httpx.Client(base_url=url, timeout=60.0, trust_env=False) as http,
+    ):
+        listed = {m["name"]: m for m in http.get("/models").json()["models"]}
+        assert listed["quadratic4"]["ready"] is True
+        assert listed["evil"]["ready"] is False
+        assert "refused" in listed["evil"]["error"]
+        assert listed["unknown"]["ready"] is False
+        assert "unknown architecture 'nope'" in listed["unknown"]["error"]
+        problem(http.post("/hessian", json={"model": "evil", "inputs": tensor([4], [0] * 4)}), 404)
+        request = {"model": "quadratic4", "inputs": tensor([4], [1] * 4), "output_index": 3}
+        assert decode(http.post("/hessian", json=request).json()["outputs"][0])[3, 3] == 6.0
+    assert not marker.exists()
