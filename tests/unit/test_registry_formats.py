@@ -25,7 +25,11 @@ from tests.byom import (
     torchscript_bytes,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    # torch.export's own pytree code, in torch 2.13.
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),
+]
 CPU = torch.device("cpu")
 
 

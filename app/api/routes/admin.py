@@ -122,6 +122,17 @@ async def _text(part: str | UploadFile | None, name: str) -> str:
     return part
 
 
+def _is_loaded(registry: Registry, manifest: Manifest) -> bool:
+    return manifest.version in registry.versions.get(manifest.name, {})
+
+
+def _conflict(manifest: Manifest) -> Conflict:
+    return Conflict(
+        f"model {manifest.ref} is already loaded; DELETE it first or ask for replace=true",
+        field="manifest.version",
+    )
+
+
 def _stage(store: UploadStore, manifest: Manifest, upload: UploadFile) -> Path:
     staging = store.stage()
     (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(exclude_none=True, indent=2))
@@ -152,12 +163,9 @@ def _load(
         ) from None
     manifest = loaded.manifest
     with store.lock:
-        if not replace and manifest.version in registry.versions.get(manifest.name, {}):
+        if not replace and _is_loaded(registry, manifest):
             store.discard(staging)
-            raise Conflict(
-                f"model {manifest.ref} is already loaded; DELETE it first or ask for replace=true",
-                field="manifest.version",
-            )
+            raise _conflict(manifest)
         loaded.folder = store.commit(staging, manifest.name, manifest.version)
         registry.add(loaded, replace=replace)
     return loaded
@@ -185,11 +193,8 @@ async def register_model(
     store: UploadStore = request.app.state.uploads
     async with request.form(max_files=1, max_fields=1) as form:
         manifest = _manifest(await _text(form.get("manifest"), "manifest"))
-        if not replace and manifest.version in registry.versions.get(manifest.name, {}):
-            raise Conflict(
-                f"model {manifest.ref} is already loaded; DELETE it first or ask for replace=true",
-                field="manifest.version",
-            )
+        if not replace and _is_loaded(registry, manifest):
+            raise _conflict(manifest)  # before the file is staged and loaded
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise InvalidInput(
