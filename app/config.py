@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -32,4 +32,17 @@ class Settings(BaseSettings):
     max_output_indices: int = Field(64, gt=0, description="Longest output_index list.")
     torch_threads: int | None = Field(
         None, gt=0, description="torch intra-op threads; default: torch's own choice."
+    )
+    # Model management (POST/DELETE /models): off unless a token is set.
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of the model-management API; unset: the API answers 403.",
+    )
+    max_upload_bytes: int = Field(
+        512 * MiB, gt=0, description="Largest POST /models body (manifest and file)."
+    )
+    upload_dir: Path | None = Field(
+        None,
+        description="Where uploaded models are stored and reloaded from at start-up; "
+        "unset: a temporary folder, so uploads last until the process stops.",
     )

@@ -7,7 +7,7 @@ always one of these (4xx), never a 500.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
@@ -47,12 +47,30 @@ class NotReady(ServiceError):
     title = "Not ready"
 
 
+class Unauthorized(ServiceError):
+    """Missing or wrong credentials; the response asks for a Bearer token."""
+
+    title = "Unauthorized"
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": 'Bearer realm="hessian-service"'}
+
+
+class Forbidden(ServiceError):
+    title = "Forbidden"
+
+
+class Conflict(ServiceError):
+    title = "Conflict"
+
+
 STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     NotFound: 404,
     InvalidInput: 422,
     TooLarge: 413,
     Overloaded: 503,
     NotReady: 503,
+    Unauthorized: 401,
+    Forbidden: 403,
+    Conflict: 409,
     ServiceError: 500,
 }
 

@@ -20,12 +20,13 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import codec
-from app.api.routes import derivatives, health, models, v2
+from app.api.routes import admin, derivatives, health, models, v2
 from app.config import Settings
 from app.errors import PROBLEM_CONTENT_TYPE, ServiceError, problem, problem_of, status_of
 from app.middleware import BodySizeLimit
 from app.registry import Registry, resolve_device
 from app.service import DerivativeService
+from app.uploads import UploadStore
 
 logger = logging.getLogger("app")
 
@@ -40,8 +41,12 @@ Hessian is zero almost everywhere.
 """
 
 
-def _problem_response(status: int, body: dict[str, Any]) -> Response:
-    return Response(codec.dumps(body), status_code=status, media_type=PROBLEM_CONTENT_TYPE)
+def _problem_response(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        codec.dumps(body), status_code=status, media_type=PROBLEM_CONTENT_TYPE, headers=headers
+    )
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -66,7 +71,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def service_error(_request: Request, exc: ServiceError) -> Response:
-        return _problem_response(status_of(exc), problem_of(exc))
+        headers = getattr(exc, "headers", None)  # WWW-Authenticate on a 401
+        return _problem_response(status_of(exc), problem_of(exc), headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
@@ -94,10 +100,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         torch.set_num_threads(settings.torch_threads)
     registry = Registry(resolve_device(settings.device))
     service = DerivativeService(registry, settings)
+    uploads = UploadStore(settings.upload_dir)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         registry.load_dir(settings.models_dir)
+        uploads.start()
+        # Uploaded models (HESSIAN_UPLOAD_DIR) win over a models_dir folder of the same
+        # name@version: the operator replaced it through the admin API.
+        registry.load_dir(uploads.root, source="upload", replace=True)
         logger.info(
             "%d models loaded, %d failed, on %s",
             len(registry.models),
@@ -106,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         yield
         service.close()
+        uploads.close()
 
     app = FastAPIOffline(
         title="hessian-service",
@@ -117,12 +129,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.registry = registry
     app.state.service = service
+    app.state.uploads = uploads
     app.include_router(derivatives.router)
     app.include_router(models.router)
+    app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(v2.router)
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        limit=settings.max_body_bytes,
+        path_limits={("POST", "/models"): settings.max_upload_bytes},
+    )
     return app
 
 

@@ -9,18 +9,24 @@ from app.errors import PROBLEM_CONTENT_TYPE, problem
 
 
 class BodySizeLimit:
-    """Refuse bodies over ``limit`` bytes with 413, by Content-Length or while streaming."""
+    """Refuse bodies over ``limit`` bytes with 413, by Content-Length or while streaming.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    ``path_limits`` maps ``(method, path)`` to another limit (model uploads are larger).
+    """
+
+    def __init__(
+        self, app: ASGIApp, limit: int, path_limits: dict[tuple[str, str], int] | None = None
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.path_limits = path_limits or {}
 
-    async def _refuse(self, scope: Scope, send: Send) -> None:
-        detail = f"request body is over this server's limit of {self.limit} bytes"
+    async def _refuse(self, scope: Scope, send: Send, limit: int) -> None:
+        detail = f"request body is over this server's limit of {limit} bytes"
         # Open Inference Protocol clients (tritonclient) read the message from "error".
         oip = str(scope.get("path", "")).startswith("/v2/")
         body = codec.dumps(
-            problem(413, "Too large", detail, limit_bytes=self.limit, error=detail if oip else None)
+            problem(413, "Too large", detail, limit_bytes=limit, error=detail if oip else None)
         )
         await send(
             {
@@ -38,9 +44,10 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.path_limits.get((scope["method"], scope["path"]), self.limit)
         for key, value in scope["headers"]:
-            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await self._refuse(scope, send)
+            if key == b"content-length" and value.isdigit() and int(value) > limit:
+                await self._refuse(scope, send, limit)
                 return
         if any(key == b"content-length" for key, _ in scope["headers"]):
             await self.app(scope, receive, send)  # the server stops at Content-Length
@@ -54,8 +61,8 @@ class BodySizeLimit:
                 break
             chunk = message.get("body", b"")
             received += len(chunk)
-            if received > self.limit:
-                await self._refuse(scope, send)
+            if received > limit:
+                await self._refuse(scope, send, limit)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -18,7 +18,7 @@ import torch
 from pydantic import ValidationError
 
 from app import binary, codec
-from app.errors import InvalidInput, NotFound
+from app.errors import InvalidInput
 from app.oip_schemas import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -26,7 +26,7 @@ from app.oip_schemas import (
     ModelMetadata,
     TensorMetadata,
 )
-from app.registry import LoadedModel, Registry
+from app.registry import LoadedModel, Registry, version_key
 from app.schemas import TensorObject
 
 PLATFORM = "pytorch"
@@ -34,22 +34,22 @@ FLOAT_DATATYPES = ("FP32", "FP64", "FP16", "BF16")
 
 
 def lookup(registry: Registry, name: str, version: str | None = None) -> LoadedModel:
-    """The loaded model ``name``; with ``version``, only if it is the loaded version."""
-    model = registry.get(name)
-    if version is not None and version != model.manifest.version:
-        raise NotFound(
-            f"model {name!r} has version {model.manifest.version!r} loaded, not {version!r}",
-            field="version",
-        )
-    return model
+    """The loaded model ``name`` (its latest version), or that ``version`` of it."""
+    return registry.get(name if version is None else f"{name}@{version}")
 
 
-def model_metadata(model: LoadedModel) -> ModelMetadata:
+def versions_of(registry: Registry, model: LoadedModel) -> list[str]:
+    """Every loaded version of ``model``'s name, as Open Inference Protocol lists them."""
+    loaded = registry.versions.get(model.manifest.name, {})
+    return sorted(loaded, key=version_key) or [model.manifest.version]
+
+
+def model_metadata(model: LoadedModel, versions: list[str] | None = None) -> ModelMetadata:
     """Name, versions, platform and tensors, the batch dimension as -1."""
     manifest = model.manifest
     return ModelMetadata(
         name=manifest.name,
-        versions=[manifest.version],
+        versions=versions or [manifest.version],
         platform=PLATFORM,
         inputs=[
             TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, *manifest.input_shape])

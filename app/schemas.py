@@ -147,6 +147,38 @@ class DerivativeResponse(BaseModel):
     metadata: ResponseMetadata
 
 
+class CapabilityReport(BaseModel):
+    """What the load-time probe found; the derivative endpoints use its methods."""
+
+    device: str
+    dtype: str = Field(description="The dtype the model was loaded in.")
+    precisions: list[str] = Field(description="Request precisions the model runs in.")
+    batch: Literal["any", "one"] = Field(
+        description="any: the model takes a batch; one: exported with a fixed batch of 1, "
+        "so a batch runs one sample at a time."
+    )
+    vmap: bool = Field(description="torch.func.vmap works on the model.")
+    forward_mode: bool = Field(description="Forward-mode AD (torch.func.jvp) works.")
+    engine_path: Literal["structured", "generic", "autograd"] = Field(
+        description="structured: layer-wise curvature propagation; generic: vectorized "
+        "torch.func; autograd: a per-row torch.autograd loop (slow) for models that "
+        "torch.func cannot transform."
+    )
+    hessian_method: str = Field(description="The engine method /hessian uses.")
+    jacobian_method: str = Field(description="The engine method /jacobian uses.")
+    curvature: Literal["affine", "piecewise_linear", "general"]
+    hessian_zero: Literal["everywhere", "almost_everywhere", "no"] = Field(
+        description="everywhere: affine model; almost_everywhere: all non-linearities are "
+        "piecewise linear (ReLU, max-pool): zero except on the kinks."
+    )
+    random_ops: bool = Field(description="The forward pass is random (e.g. active dropout).")
+    random_evidence: list[str]
+    parameters: int
+    parameter_bytes: int
+    buffer_bytes: int
+    notes: list[str] = Field(description="Why a probe failed, where one did.")
+
+
 class ModelInfo(BaseModel):
     """A model as ``GET /models`` lists it."""
 
@@ -162,6 +194,10 @@ class ModelInfo(BaseModel):
     )
     error: str | None = None
     training: dict[str, Any] | None = None
+    format: str | None = Field(None, description="zoo | torchscript | export")
+    latest: bool | None = Field(None, description="This version is what `name` resolves to.")
+    source: str | None = Field(None, description="models_dir | upload")
+    capabilities: CapabilityReport | None = None
 
 
 class ModelList(BaseModel):

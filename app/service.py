@@ -232,6 +232,7 @@ class DerivativeService:
             prepared.x,
             output_index=prepared.output_index,
             objective=prepared.objective,
+            method=prepared.model.method(prepared.kind),  # chosen by the load-time probe
             memory_budget_bytes=self.settings.memory_budget_bytes,
         )
         if prepared.x.device.type == "cuda":
@@ -277,7 +278,8 @@ class DerivativeService:
                 "layout": request.layout,
                 "compute_ms": round(compute_ms, 3),
                 "zero": zero,
-                "notes": _notes(prepared.kind, result.curvature, prepared.objective, zero),
+                # The load-time curvature: it also reads TorchScript and export graphs.
+                "notes": _notes(prepared.kind, prepared.model.curvature, prepared.objective, zero),
             },
         }
 

@@ -9,15 +9,18 @@ as in ``torch.func``. The HTTP service calls exactly these functions.
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import ParamSpec, TypeVar
 
 import torch
 from torch import nn
 
-from app.engine import generic, structured
+from app.engine import generic, rowloop, structured
 from app.engine.objectives import Objective
 from app.engine.planner import (
     DEFAULT_MEMORY_BUDGET_BYTES,
@@ -29,9 +32,29 @@ from app.engine.planner import (
 )
 from app.engine.structure import Curvature, classify
 
-HESSIAN_METHODS = ("auto", "structured", "generic")
-JACOBIAN_METHODS = ("auto", "structured", "generic")
+# "autograd": the per-row torch.autograd loop (app.engine.rowloop), for models that
+# torch.func transforms cannot run (the registry's capability probe picks it).
+HESSIAN_METHODS = ("auto", "structured", "generic", "autograd")
+JACOBIAN_METHODS = ("auto", "structured", "generic", "autograd")
+ROW_LOOP = "autograd:row-loop"
 OutputIndex = int | Sequence[int] | None
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+# torch's forward-mode AD levels are process-wide, not per thread: two threads running
+# jvp at once corrupt each other's levels ("Trying to access a forward AD level with an
+# invalid index"). The entry points below, and anything else in the process that runs
+# torch.func transforms (the registry's load-time probe), hold this lock.
+AUTODIFF_LOCK = threading.RLock()
+
+
+def _serialized(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    @functools.wraps(function)
+    def locked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with AUTODIFF_LOCK:
+            return function(*args, **kwargs)
+
+    return locked
 
 
 @dataclass(frozen=True)
@@ -115,6 +138,26 @@ _PROBES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], _Probe]] 
 )
 
 
+def _takes_no_hooks(model: nn.Module) -> bool:
+    """TorchScript modules (anywhere inside) refuse forward hooks."""
+    return any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
+
+
+def _saved_tensor_numel(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The output, and the elements autograd saves for the backward pass of one forward:
+    the activation memory of a model whose layers cannot be hooked."""
+    numel = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal numel
+        numel += tensor.numel()
+        return tensor
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        output = model(x.detach().requires_grad_(True))
+    return output.detach(), numel
+
+
 def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
     key = (tuple(x.shape[1:]), x.dtype, x.device)
     known = _PROBES.setdefault(model, {})
@@ -127,6 +170,10 @@ def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
         if isinstance(output, torch.Tensor):
             numel += output.numel()
 
+    if _takes_no_hooks(model):
+        output, numel = _saved_tensor_numel(model, x[:1])
+        known[key] = _Probe(tuple(output.shape[1:]), max(numel, int(output.numel())))
+        return known[key]
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad():
@@ -182,7 +229,8 @@ def _output_count(model: nn.Module, x: torch.Tensor) -> int:
 def _structured_network(
     api: str, model: nn.Module, x: torch.Tensor, method: str
 ) -> structured.Network | None:
-    network = structured.parse(model, tuple(x.shape[1:])) if method != "generic" else None
+    skip_structured = method in ("generic", "autograd")
+    network = None if skip_structured else structured.parse(model, tuple(x.shape[1:]))
     if method == "structured" and network is None:
         raise ValueError(
             f"{api}: method='structured' supports Sequential networks of Conv1d/2d, "
@@ -227,6 +275,7 @@ def _generic_hessian(
     return _in_chunks(plan.batch_chunk, x, targets, chunk)[0]
 
 
+@_serialized
 def compute_hessian(
     model: nn.Module,
     x: torch.Tensor,
@@ -239,7 +288,8 @@ def compute_hessian(
     """Input Hessians of selected outputs (or of an objective) for each sample of ``x``.
 
     ``method``: ``auto`` (structured when the network supports it, else generic),
-    ``structured`` or ``generic``. ``memory_budget_bytes`` bounds the working memory: it
+    ``structured``, ``generic`` or ``autograd`` (a per-row loop, for models that
+    torch.func cannot transform). ``memory_budget_bytes`` bounds the working memory: it
     sets how many samples (and, on the generic path, basis vectors) are processed at
     once; a smaller budget is slower, never different.
     """
@@ -286,6 +336,9 @@ def compute_hessian(
     )
     targets = _targets(selection, batch, m, x)
     scalars = _scalars_fn(model, selection)
+    if method == "autograd":
+        matrix = rowloop.hessian(scalars, x, targets)
+        return _result(model, matrix, output, replace(plan, method=ROW_LOOP), selection)
     with torch.no_grad():
         try:
             matrix = _generic_hessian(scalars, x, targets, plan)
@@ -295,6 +348,7 @@ def compute_hessian(
     return _result(model, matrix, output, plan, selection)
 
 
+@_serialized
 def compute_jacobian(
     model: nn.Module,
     x: torch.Tensor,
@@ -351,6 +405,12 @@ def compute_jacobian(
     )
     scalars = _scalars_with_output_fn(model, selection)
     targets = _targets(selection, batch, m, x)
+    if method == "autograd":
+        matrix, flat_output = rowloop.jacobian(scalars, x, targets)
+        plan = replace(plan, method=ROW_LOOP)
+        return _result(
+            model, matrix, flat_output.reshape(batch, *probe.output_shape), plan, selection
+        )
     with torch.no_grad():
         if plan.method == "generic:reverse" and selection.indices is not None:
             cotangents = torch.eye(m, dtype=x.dtype, device=x.device)[selection.indices]

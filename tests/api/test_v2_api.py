@@ -161,7 +161,7 @@ def test_invalid_json_and_unknown_models(client: TestClient) -> None:
     error(client.post(INFER, content=b"[1, 2]"), 400, "expected a JSON object")
     error(client.post("/v2/models/nope/infer", json={"inputs": []}), 404, "'nope'")
     error(client.get("/v2/models/nope"), 404, "'nope'")
-    error(client.get("/v2/models/digits_cnn/versions/2"), 404, "version '1'", "not '2'")
+    error(client.get("/v2/models/digits_cnn/versions/2"), 404, "no version '2'", "versions: 1")
     error(client.get("/v2/models/nope/ready"), 404)
     assert client.get("/v2/models/digits_cnn/versions/1/ready").json() == {
         "name": "digits_cnn",

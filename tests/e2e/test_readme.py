@@ -8,20 +8,48 @@ checked, so a README that drifts from behaviour fails here.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+from tests.e2e.conftest import running_server
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 QUICK_START_URL = "http://127.0.0.1:8000"
-pytestmark = pytest.mark.e2e
+# Blocks that use the model-management API run against a server with a token.
+ADMIN_MARK = "HESSIAN_ADMIN_TOKEN"
+ADMIN_TOKEN = "readme-example-token"
+pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
-def blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
+def blocks(language: str, *, admin: bool = False) -> list[str]:
+    found = re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
+    return [block for block in found if (ADMIN_MARK in block) == admin]
+
+
+@pytest.fixture(scope="module")
+def admin_url() -> Iterator[str]:
+    with running_server(HESSIAN_ADMIN_TOKEN=ADMIN_TOKEN) as url:
+        yield url
+
+
+def _run_python(code: str, env: dict[str, str] | None = None) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    prints = [line for line in code.splitlines() if line.startswith("print(")]
+    printed = result.stdout.splitlines()
+    assert len(printed) == len(prints)
+    for line, output in zip(prints, printed, strict=True):
+        if "#" in line:  # the comment is what the README promises this line prints
+            assert output.strip() == line.split("#", 1)[1].strip(), (line, output)
 
 
 def test_quick_start_names_the_two_make_commands() -> None:
@@ -49,14 +77,29 @@ def test_curl_example(server_url: str) -> None:
 
 @pytest.mark.parametrize("index", range(len(blocks("python"))))
 def test_python_examples(server_url: str, index: int) -> None:
-    code = blocks("python")[index].replace(QUICK_START_URL, server_url)
+    _run_python(blocks("python")[index].replace(QUICK_START_URL, server_url))
+
+
+@pytest.mark.parametrize("index", range(len(blocks("python", admin=True))))
+def test_model_management_examples(admin_url: str, index: int) -> None:
+    code = blocks("python", admin=True)[index].replace(QUICK_START_URL, admin_url)
+    _run_python(code, env={**os.environ, ADMIN_MARK: ADMIN_TOKEN})
+
+
+def test_model_management_curl_example(admin_url: str, tmp_path: Path) -> None:
+    (curl,) = blocks("bash", admin=True)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    torch.jit.save(torch.jit.script(model.eval()), str(tmp_path / "my_net.pt"))
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=180
+        ["bash", "-c", curl.replace(QUICK_START_URL, admin_url)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=tmp_path,
+        env={**os.environ, ADMIN_MARK: ADMIN_TOKEN},
     )
-    assert result.returncode == 0, result.stderr
-    prints = [line for line in code.splitlines() if line.startswith("print(")]
-    printed = result.stdout.splitlines()
-    assert len(printed) == len(prints)
-    for line, output in zip(prints, printed, strict=True):
-        if "#" in line:  # the comment is what the README promises this line prints
-            assert output.strip() == line.split("#", 1)[1].strip(), (line, output)
+    info = json.loads(result.stdout)
+    assert (info["name"], info["version"], info["format"]) == ("my_net", "2", "torchscript")
+    assert info["capabilities"]["engine_path"] == "generic"
+    assert info["capabilities"]["parameters"] == 3 * 4 + 4 + 4 * 2 + 2

@@ -1,18 +1,33 @@
-"""``GET /models`` and ``GET /models/{name}``: what is loaded, and what failed."""
+"""``GET /models`` and ``GET /models/{name}``: what is loaded, what it can do, what failed.
+
+``{name}`` is a name (its latest version) or ``name@version``. Each loaded model carries
+the capability report of its load-time probe (``app.capabilities``).
+"""
 
 from __future__ import annotations
+
+from dataclasses import asdict
 
 from fastapi import APIRouter
 
 from app.api.deps import RegistryDep
-from app.errors import NotFound
 from app.registry import FailedModel, LoadedModel, Registry
-from app.schemas import ModelInfo, ModelList
+from app.schemas import CapabilityReport, ModelInfo, ModelList
 
 router = APIRouter(tags=["models"])
 
 
-def _info(entry: LoadedModel | FailedModel) -> ModelInfo:
+def _report(entry: LoadedModel) -> CapabilityReport | None:
+    found = entry.capabilities
+    if found is None:
+        return None
+    return CapabilityReport.model_validate(
+        {**asdict(found), "curvature": found.curvature.value, "hessian_zero": found.hessian_zero}
+    )
+
+
+def model_info(entry: LoadedModel | FailedModel, registry: Registry | None = None) -> ModelInfo:
+    """The public description of a loaded or failed model."""
     if isinstance(entry, FailedModel):
         return ModelInfo(
             name=entry.name,
@@ -25,6 +40,7 @@ def _info(entry: LoadedModel | FailedModel) -> ModelInfo:
             error=entry.error,
         )
     manifest = entry.manifest
+    latest = registry.models.get(manifest.name) is entry if registry is not None else None
     return ModelInfo(
         name=manifest.name,
         version=manifest.version,
@@ -35,22 +51,30 @@ def _info(entry: LoadedModel | FailedModel) -> ModelInfo:
         ready=True,
         curvature=entry.curvature.value,
         training=manifest.training,
+        format=manifest.format,
+        latest=latest,
+        source=entry.source,
+        capabilities=_report(entry),
     )
 
 
-def _entries(registry: Registry) -> list[LoadedModel | FailedModel]:
-    return [*registry.models.values(), *registry.failed.values()]
-
-
-@router.get("/models", response_model=ModelList, summary="Loaded models, and those that failed")
+@router.get(
+    "/models",
+    response_model=ModelList,
+    summary="Loaded models (every version), their capabilities, and those that failed",
+)
 async def list_models(registry: RegistryDep) -> ModelList:
-    return ModelList(models=[_info(entry) for entry in _entries(registry)])
+    loaded = [model_info(entry, registry) for entry in registry.entries()]
+    failed = [model_info(entry) for entry in registry.failed.values()]
+    return ModelList(models=[*loaded, *failed])
 
 
-@router.get("/models/{name}", response_model=ModelInfo, summary="One model")
+@router.get(
+    "/models/{name}",
+    response_model=ModelInfo,
+    summary="One model (`name` or `name@version`) and its capability report",
+)
 async def get_model(name: str, registry: RegistryDep) -> ModelInfo:
-    if name in registry.failed:
-        return _info(registry.failed[name])
-    if name not in registry.models:
-        raise NotFound(f"model {name!r} is not loaded", field="name")
-    return _info(registry.models[name])
+    if name in registry.failed and name not in registry.models:
+        return model_info(registry.failed[name])
+    return model_info(registry.get(name), registry)

@@ -131,7 +131,8 @@ def _ready(registry: RegistryDep, name: str, version: str | None) -> ModelReady:
     summary="Model metadata",
 )
 async def model_metadata(name: str, registry: RegistryDep) -> ModelMetadata:
-    return oip.model_metadata(oip.lookup(registry, name))
+    model = oip.lookup(registry, name)
+    return oip.model_metadata(model, oip.versions_of(registry, model))
 
 
 @router.get(
