@@ -25,6 +25,7 @@ class ServiceError(Exception):
         self.detail = detail
         self.field = field
         self.extra = extra
+        self.headers: dict[str, str] = {}  # extra response headers (e.g. Retry-After)
 
 
 class NotFound(ServiceError):
@@ -40,7 +41,25 @@ class TooLarge(ServiceError):
 
 
 class Overloaded(ServiceError):
+    """The server is too busy now; ``Retry-After`` says when to try again."""
+
     title = "Overloaded"
+
+    def __init__(self, detail: str, *, retry_after_s: int = 1, **extra: Any) -> None:
+        super().__init__(detail, retry_after_s=retry_after_s, **extra)
+        self.headers["Retry-After"] = str(retry_after_s)
+
+
+class Timeout(ServiceError):
+    """The request did not finish within the server's per-request deadline."""
+
+    title = "Timeout"
+
+
+class ClientClosedRequest(ServiceError):
+    """The client went away before its work ran (nginx's 499: nobody reads the answer)."""
+
+    title = "Client closed request"
 
 
 class NotReady(ServiceError):
@@ -53,6 +72,8 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     TooLarge: 413,
     Overloaded: 503,
     NotReady: 503,
+    Timeout: 504,
+    ClientClosedRequest: 499,
     ServiceError: 500,
 }
 
