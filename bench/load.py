@@ -10,6 +10,7 @@ the mean batch size the server reports in /metrics; the last line is one JSON ob
 
     python -m bench.load                      # 32 clients, /jacobian and /hessian
     python -m bench.load --clients 8 --requests 200 --kinds jacobian
+    python -m bench.load --kinds hessian --output-indices 10   # mixed outputs
 """
 
 from __future__ import annotations
@@ -80,8 +81,14 @@ def server(**settings: str) -> Iterator[str]:
             process.wait(timeout=10)
 
 
-def bodies(kind: str, model: str, count: int, seed: int = 0) -> list[bytes]:
-    """``count`` single-sample request bodies (base64 in and out), serialized once."""
+def bodies(
+    kind: str, model: str, count: int, *, output_indices: int = 1, seed: int = 0
+) -> list[bytes]:
+    """``count`` single-sample request bodies (base64 in and out), serialized once.
+
+    /hessian requests ask for output 3, or spread over outputs 0 to ``output_indices - 1``
+    (only requests for the same output merge).
+    """
     rng = np.random.default_rng(seed)
     out = []
     for i in range(count):
@@ -99,7 +106,7 @@ def bodies(kind: str, model: str, count: int, seed: int = 0) -> list[bytes]:
             "encoding": "base64",
         }
         if kind == "hessian":
-            body["output_index"] = i % 10
+            body["output_index"] = 3 if output_indices == 1 else i % output_indices
         out.append(json.dumps(body).encode())
     return out
 
@@ -234,13 +241,16 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--model", default="mlp_tanh")
     parser.add_argument("--kinds", nargs="+", default=["jacobian", "hessian"])
-    parser.add_argument("--requests", type=int, default=0, help="per phase; 0: 20 per client")
-    parser.add_argument("--rounds", type=int, default=2, help="off/on phase pairs per kind")
+    parser.add_argument("--requests", type=int, default=0, help="per phase; 0: 10 per client")
+    parser.add_argument("--rounds", type=int, default=4, help="off/on phase pairs per kind")
+    parser.add_argument(
+        "--output-indices", type=int, default=1, help="/hessian: spread over this many outputs"
+    )
     parser.add_argument("--phase-limit-s", type=float, default=60.0)
     parser.add_argument("--max-batch-size", type=int, default=32, help="for 'on'")
     parser.add_argument("--delay-ms", type=float, default=5.0, help="for 'on'")
     args = parser.parse_args()
-    requests = args.requests or 20 * args.clients
+    requests = args.requests or 10 * args.clients
     settings = {
         "off": {"HESSIAN_MAX_BATCH_SIZE": "1"},
         "on": {
@@ -250,14 +260,15 @@ def main() -> None:
     }
     print(
         f"# {args.clients} clients, single-sample {args.model} requests, {requests} per phase, "
-        f"{args.rounds} rounds of off/on; batching on = max {args.max_batch_size} samples, "
+        f"{args.rounds} rounds of off/on; /hessian over {args.output_indices} output index(es); "
+        f"batching on = max {args.max_batch_size} samples, "
         f"{args.delay_ms} ms; malloc thresholds {ALLOCATOR_ENV}; {os.cpu_count()} CPUs"
     )
     report: dict[str, Any] = {}
     with ExitStack() as stack:
         urls = {mode: stack.enter_context(server(**env)) for mode, env in settings.items()}
         for kind in args.kinds:
-            payloads = bodies(kind, args.model, 64)
+            payloads = bodies(kind, args.model, 64, output_indices=args.output_indices)
             for url in urls.values():  # warm-up, not measured
                 asyncio.run(run_phase(url, kind, payloads, 4, 16, 30))
             totals = {mode: Phase() for mode in urls}
