@@ -38,7 +38,7 @@ class Settings(BaseSettings):
         32, gt=0, description="Most samples merged into one computation; 1 turns merging off."
     )
     max_batch_delay_ms: float = Field(
-        5.0, ge=0, description="Longest a request waits for others to merge with."
+        2.0, ge=0, description="Longest a request waits for others to merge with."
     )
     max_queue: int = Field(
         64, gt=0, description="Most requests waiting to compute; more get 503 + Retry-After."

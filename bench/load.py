@@ -248,7 +248,7 @@ def main() -> None:
     )
     parser.add_argument("--phase-limit-s", type=float, default=60.0)
     parser.add_argument("--max-batch-size", type=int, default=32, help="for 'on'")
-    parser.add_argument("--delay-ms", type=float, default=5.0, help="for 'on'")
+    parser.add_argument("--delay-ms", type=float, default=2.0, help="for 'on'")
     args = parser.parse_args()
     requests = args.requests or 10 * args.clients
     settings = {

@@ -283,11 +283,12 @@ def test_liveness_answers_in_under_50_ms_while_a_long_hessian_computes(batching_
     assert max(during) < 0.050, sorted(during)[-5:]
 
 
-def test_a_client_that_disconnects_has_its_queued_work_dropped() -> None:
-    # A 1.5 s batching delay holds a lone request in the queue, waiting for company: the
-    # client gives up after 0.3 s, long before its work would start.
+def test_disconnects_and_deadlines_free_queued_work() -> None:
+    # A 1.5 s batching delay holds a lone request in the queue, waiting for company; the
+    # deadline is 0.6 s. A client that gives up after 0.3 s has its work dropped, a
+    # patient one gets 504 at its deadline, and neither reaches the engine.
     request = body("mlp_tanh", sample([3, 1, 28, 28], 5), output_index=4)
-    with running_server(HESSIAN_MAX_BATCH_DELAY_MS="1500") as url:
+    with running_server(HESSIAN_MAX_BATCH_DELAY_MS="1500", HESSIAN_REQUEST_TIMEOUT_S="0.6") as url:
         before = scrape(url)
         with (
             httpx.Client(base_url=url, timeout=0.3, trust_env=False) as http,
@@ -303,16 +304,29 @@ def test_a_client_that_disconnects_has_its_queued_work_dropped() -> None:
             time.sleep(0.05)
         assert dropped == 1
         assert metric(after, "hessian_queue_depth") == 0
-        time.sleep(1.5)  # past the delay: had the job stayed queued, it would run now
+
+        with httpx.Client(base_url=url, timeout=30, trust_env=False) as http:
+            started = time.perf_counter()
+            late = http.post("/hessian", json=request)
+            elapsed = time.perf_counter() - started
+        assert late.status_code == 504, late.text
+        assert late.headers["content-type"].startswith("application/problem+json")
+        assert late.json()["timeout_s"] == 0.6 and "deadline" in late.json()["detail"]
+        assert 0.6 <= elapsed < 1.4  # at the deadline, not after the 1.5 s delay
+        after = scrape(url)
+        assert metric(after, "hessian_rejected_total", reason="deadline") == 1
+        assert metric(after, "hessian_queue_depth") == 0  # the slot is free again
+
+        time.sleep(1.6)  # past the delay: had either job stayed queued, it would run now
         after = scrape(url)
         assert metric(after, "hessian_batch_samples_count", kind="hessian") == metric(
             before, "hessian_batch_samples_count", kind="hessian"
-        ), "the dropped request reached the engine"
-        # The server still answers a client that stays.
+        ), "a dropped request reached the engine"
+        # A full batch does not wait for company: it is answered at once, and right.
+        full = body("quadratic4", sample([32, 4], 6))
         with httpx.Client(base_url=url, timeout=30, trust_env=False) as http:
-            matrix, _ = decoded(http.post("/hessian", json=request))
-        expected = reference("hessian", request)
-        np.testing.assert_allclose(matrix, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+            matrix, _ = decoded(http.post("/jacobian", json=full))
+        np.testing.assert_allclose(matrix, reference("jacobian", full), rtol=1e-6, atol=0)
 
 
 def test_overload_gives_503_with_retry_after_then_recovers() -> None:
