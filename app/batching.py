@@ -196,7 +196,15 @@ class Batcher(Generic[P, R]):
             self._queue.remove(job)
 
     def _ensure_dispatcher(self) -> None:
-        if self._dispatcher is None or self._dispatcher.done():
+        # (Re)start the dispatcher on the running loop: after a failure, or when the app
+        # is served by a new event loop (e.g. a second TestClient on the same app).
+        loop = asyncio.get_running_loop()
+        if (
+            self._dispatcher is None
+            or self._dispatcher.done()
+            or self._dispatcher.get_loop() is not loop
+        ):
+            self._queue = [job for job in self._queue if job.future.get_loop() is loop]
             self._arrived = asyncio.Event()
             self._dispatcher = asyncio.get_running_loop().create_task(
                 self._dispatch(), name="batch-dispatcher"
