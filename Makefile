@@ -10,7 +10,7 @@ TORCH_VERSION := 2.13.0
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 1000000000000
 
-.PHONY: setup setup-dev serve test lint pytest bench browser clean
+.PHONY: setup setup-dev serve test lint pytest bench bench-load browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ test: lint pytest
 
 bench: setup-dev
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# 32 concurrent clients of single-sample requests, dynamic batching on vs off (bench/load.py).
+bench-load: setup-dev
+	$(PY) -m bench.load $(LOAD_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -46,3 +46,17 @@ class Settings(BaseSettings):
         description="Where uploaded models are stored and reloaded from at start-up; "
         "unset: a temporary folder, so uploads last until the process stops.",
     )
+    # Concurrency (app.batching): merging, backpressure, deadlines, access log.
+    max_batch_size: int = Field(
+        32, gt=0, description="Most samples merged into one computation; 1 turns merging off."
+    )
+    max_batch_delay_ms: float = Field(
+        2.0, ge=0, description="Longest a request waits for others to merge with."
+    )
+    max_queue: int = Field(
+        64, gt=0, description="Most requests waiting to compute; more get 503 + Retry-After."
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="Per-request deadline for queueing and computing (504)."
+    )
+    access_log: bool = Field(True, description="One JSON line per request on stderr.")

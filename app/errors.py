@@ -7,7 +7,7 @@ always one of these (4xx), never a 500.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
@@ -25,6 +25,7 @@ class ServiceError(Exception):
         self.detail = detail
         self.field = field
         self.extra = extra
+        self.headers: dict[str, str] = {}  # extra response headers (e.g. Retry-After)
 
 
 class NotFound(ServiceError):
@@ -40,7 +41,25 @@ class TooLarge(ServiceError):
 
 
 class Overloaded(ServiceError):
+    """The server is too busy now; ``Retry-After`` says when to try again."""
+
     title = "Overloaded"
+
+    def __init__(self, detail: str, *, retry_after_s: int = 1, **extra: Any) -> None:
+        super().__init__(detail, retry_after_s=retry_after_s, **extra)
+        self.headers["Retry-After"] = str(retry_after_s)
+
+
+class Timeout(ServiceError):
+    """The request did not finish within the server's per-request deadline."""
+
+    title = "Timeout"
+
+
+class ClientClosedRequest(ServiceError):
+    """The client went away before its work ran (nginx's 499: nobody reads the answer)."""
+
+    title = "Client closed request"
 
 
 class NotReady(ServiceError):
@@ -51,7 +70,10 @@ class Unauthorized(ServiceError):
     """Missing or wrong credentials; the response asks for a Bearer token."""
 
     title = "Unauthorized"
-    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": 'Bearer realm="hessian-service"'}
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.headers["WWW-Authenticate"] = 'Bearer realm="hessian-service"'
 
 
 class Forbidden(ServiceError):
@@ -71,6 +93,8 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     Unauthorized: 401,
     Forbidden: 403,
     Conflict: 409,
+    Timeout: 504,
+    ClientClosedRequest: 499,
     ServiceError: 500,
 }
 

@@ -20,9 +20,10 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import codec
-from app.api.routes import admin, derivatives, health, models, v2
+from app.api.routes import admin, derivatives, health, metrics, models, v2
 from app.config import Settings
 from app.errors import PROBLEM_CONTENT_TYPE, ServiceError, problem, problem_of, status_of
+from app.metrics import Metrics, ObservabilityMiddleware, configure_access_log
 from app.middleware import BodySizeLimit
 from app.registry import Registry, resolve_device
 from app.service import DerivativeService
@@ -71,8 +72,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def service_error(_request: Request, exc: ServiceError) -> Response:
-        headers = getattr(exc, "headers", None)  # WWW-Authenticate on a 401
-        return _problem_response(status_of(exc), problem_of(exc), headers)
+        return _problem_response(status_of(exc), problem_of(exc), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
@@ -99,7 +99,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     registry = Registry(resolve_device(settings.device))
-    service = DerivativeService(registry, settings)
+    metrics_ = Metrics(registry.device)
+    service = DerivativeService(registry, settings, metrics=metrics_)
+    if settings.access_log:
+        configure_access_log()
     uploads = UploadStore(settings.upload_dir)
 
     @asynccontextmanager
@@ -130,17 +133,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = registry
     app.state.service = service
     app.state.uploads = uploads
+    app.state.metrics = metrics_
     app.include_router(derivatives.router)
     app.include_router(models.router)
     app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(v2.router)
+    app.include_router(metrics.router)
     install_error_handlers(app)
     app.add_middleware(
         BodySizeLimit,
         limit=settings.max_body_bytes,
         path_limits={("POST", "/models"): settings.max_upload_bytes},
     )
+    # Added last, so outermost: even a 413 from BodySizeLimit gets its id and headers.
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics_, access_log=settings.access_log)
     return app
 
 

@@ -1,17 +1,18 @@
 """Orchestration between HTTP and the engine: look up, check limits, plan, run, describe.
 
 Everything a request can get wrong is checked here before any derivative is computed,
-including the size of the result (413 with the estimate). Computation runs on one worker
-thread per service so that the event loop -- health checks, validation errors -- stays
-responsive while a large Hessian is computed.
+including the size of the result (413 with the estimate). Computation goes through the
+dynamic batcher (``app.batching``): concurrent requests that can share a computation
+(``app.merging``) are merged, and everything runs on the batcher's one worker thread so
+that the event loop -- health checks, validation errors -- stays responsive while a
+large Hessian is computed. The batcher also bounds the queue (503) and the wait (504).
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,11 +20,13 @@ import anyio
 import numpy as np
 import torch
 
-from app import codec
+from app import codec, merging
+from app.batching import Abandoned, Batcher, BatchStats, DeadlineExceeded, QueueFull
 from app.binary import Encoded
 from app.config import Settings
 from app.engine import Curvature, DerivativeResult, Objective, compute_hessian, compute_jacobian
-from app.errors import InvalidInput, TooLarge
+from app.errors import ClientClosedRequest, InvalidInput, Overloaded, Timeout, TooLarge
+from app.metrics import Metrics, current_timing
 from app.registry import LoadedModel, Registry
 from app.schemas import (
     CrossEntropyObjective,
@@ -36,6 +39,11 @@ from app.schemas import (
 
 Kind = Literal["jacobian", "hessian"]
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+# Requests whose input and result have at most this many elements are decoded and encoded
+# on the event loop: for them a hop to a worker thread costs more than the work (about
+# 0.1-0.3 ms here), and under load the hops were most of a small request's time. Larger
+# ones go to worker threads so that the event loop stays responsive.
+INLINE_ELEMENTS = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -159,13 +167,24 @@ def _objective(request: DerivativeRequest, outputs: int, batch: int) -> Objectiv
 class DerivativeService:
     """Turns validated requests into derivative responses for the registry's models."""
 
-    def __init__(self, registry: Registry, settings: Settings) -> None:
+    def __init__(
+        self, registry: Registry, settings: Settings, *, metrics: Metrics | None = None
+    ) -> None:
         self.registry = registry
         self.settings = settings
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.metrics = metrics
+        self.batcher: Batcher[PreparedRequest, tuple[DerivativeResult, float]] = Batcher(
+            self.compute_batch,
+            max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_batch_delay_ms / 1000.0,
+            max_queue=settings.max_queue,
+            on_batch=self._observe_batch,
+        )
+        if metrics is not None:
+            metrics.bind_queue_depth(lambda: self.batcher.depth)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.batcher.close()
 
     def prepare(self, kind: Kind, request: DerivativeRequest) -> PreparedRequest:
         """Decode and check a request; raise a ``ServiceError`` before any work."""
@@ -239,6 +258,65 @@ class DerivativeService:
             torch.cuda.synchronize(prepared.x.device)
         return result, (time.perf_counter() - start) * 1000.0
 
+    def compute_batch(
+        self, _key: Hashable, batch: list[PreparedRequest]
+    ) -> Sequence[tuple[DerivativeResult, float]]:
+        """Compute requests that share a batch key as one, and give each its own slice."""
+        result, compute_ms = self.compute(merging.merge(batch))
+        if len(batch) == 1:
+            return [(result, compute_ms)]
+        sizes = [int(prepared.x.shape[0]) for prepared in batch]
+        return [(part, compute_ms) for part in merging.split(result, sizes)]
+
+    def _observe_batch(self, stats: BatchStats) -> None:
+        if self.metrics is None:
+            return
+        kind = stats.key.kind if isinstance(stats.key, merging.BatchKey) else ""
+        self.metrics.batch_samples.labels(kind).observe(stats.samples)
+        self.metrics.batch_requests.labels(kind).observe(stats.jobs)
+        self.metrics.compute_time.labels(kind).observe(stats.compute_s)
+
+    def _rejected(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason).inc()
+
+    async def _compute_queued(
+        self,
+        prepared: PreparedRequest,
+        timeout_s: float,
+        disconnected: Callable[[], Awaitable[bool]] | None,
+    ) -> tuple[DerivativeResult, float, float]:
+        """Through the batcher: (result, queue ms, compute ms), or 503 / 504 / 499."""
+        try:
+            outcome = await self.batcher.submit(
+                merging.batch_key(prepared),
+                prepared,
+                int(prepared.x.shape[0]),
+                timeout_s=timeout_s,
+                disconnected=disconnected,
+            )
+        except QueueFull as exc:
+            self._rejected("queue_full")
+            raise Overloaded(
+                f"the server is busy: {exc}; retry after the time in Retry-After",
+                retry_after_s=1,
+            ) from None
+        except DeadlineExceeded:
+            self._rejected("deadline")
+            raise Timeout(
+                f"the {prepared.kind} was not computed within this server's per-request "
+                f"deadline of {self.settings.request_timeout_s:g} s; send fewer samples, "
+                "or retry when the server is less busy",
+                timeout_s=self.settings.request_timeout_s,
+            ) from None
+        except Abandoned:
+            self._rejected("disconnected")
+            raise ClientClosedRequest("the client disconnected before its work ran") from None
+        if self.metrics is not None:
+            self.metrics.queue_time.labels(prepared.kind).observe(outcome.queue_s)
+        result, compute_ms = outcome.result
+        return result, outcome.queue_s * 1000.0, compute_ms
+
     def describe(
         self, prepared: PreparedRequest, result: DerivativeResult, compute_ms: float
     ) -> dict[str, Any]:
@@ -283,11 +361,32 @@ class DerivativeService:
             },
         }
 
-    async def run(self, kind: Kind, request: DerivativeRequest) -> Encoded:
-        """Prepare (worker pool), compute (the compute thread), encode (worker pool)."""
-        prepared = await anyio.to_thread.run_sync(self.prepare, kind, request)
-        loop = asyncio.get_running_loop()
-        result, compute_ms = await loop.run_in_executor(self._executor, self.compute, prepared)
+    async def run(
+        self,
+        kind: Kind,
+        request: DerivativeRequest,
+        *,
+        disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> Encoded:
+        """Prepare (worker pool), compute (batcher), encode (worker pool).
+
+        ``disconnected`` (e.g. starlette's ``Request.is_disconnected``) is polled while
+        the request waits, so that a client that went away has its queued work dropped.
+        """
+        started = time.perf_counter()
+        if math.prod(request.inputs[0].shape) <= INLINE_ELEMENTS:
+            prepared = self.prepare(kind, request)
+        else:
+            prepared = await anyio.to_thread.run_sync(self.prepare, kind, request)
+        timing = current_timing()
+        if timing is not None:
+            timing.model = prepared.model.manifest.name
+        left = self.settings.request_timeout_s - (time.perf_counter() - started)
+        result, queue_ms, compute_ms = await self._compute_queued(prepared, left, disconnected)
+        if timing is not None:
+            timing.queue_ms, timing.compute_ms = queue_ms, compute_ms
+        if result.matrix.numel() + result.output.numel() <= INLINE_ELEMENTS:
+            return codec.encode_body(self.describe(prepared, result, compute_ms), request.encoding)
         body = await anyio.to_thread.run_sync(self.describe, prepared, result, compute_ms)
         return await anyio.to_thread.run_sync(codec.encode_body, body, request.encoding)
 

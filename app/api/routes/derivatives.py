@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Response
+from fastapi import APIRouter, Body, Request, Response
 
 from app.api.deps import ServiceDep
 from app.api.examples import hessian_examples, jacobian_examples
@@ -32,6 +32,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "Unknown model (problem+json)."},
     413: {"description": "Body or result over the configured limit (problem+json)."},
     422: {"description": "Invalid input, naming the field (problem+json)."},
+    503: {"description": "Queue full: retry after `Retry-After` seconds (problem+json)."},
+    504: {"description": "Not computed within the per-request deadline (problem+json)."},
 }
 
 
@@ -48,13 +50,14 @@ def _response(encoded: Encoded) -> Response:
 async def post_hessian(
     service: ServiceDep,
     request: Annotated[DerivativeRequest, Body(openapi_examples=hessian_examples())],
+    http: Request,
 ) -> Response:
     """Exact Hessian of one scalar per sample with respect to the model's input.
 
     An int `output_index` gives `[n, n]` per sample, a list of k gives `[k, n, n]`, an
     objective gives `[n, n]`. A batch input `[B, *input_shape]` adds a leading `B`.
     """
-    return _response(await service.run("hessian", request))
+    return _response(await service.run("hessian", request, disconnected=http.is_disconnected))
 
 
 @router.post(
@@ -66,10 +69,11 @@ async def post_hessian(
 async def post_jacobian(
     service: ServiceDep,
     request: Annotated[DerivativeRequest, Body(openapi_examples=jacobian_examples())],
+    http: Request,
 ) -> Response:
     """Exact Jacobian with respect to the model's input.
 
     No `output_index` gives all outputs, `[m, n]` per sample; an int gives the gradient
     `[n]`, a list of k gives `[k, n]`, an objective gives its gradient `[n]`.
     """
-    return _response(await service.run("jacobian", request))
+    return _response(await service.run("jacobian", request, disconnected=http.is_disconnected))
