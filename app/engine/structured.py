@@ -187,7 +187,7 @@ def _canonical(shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
     raise ValueError(f"structured: unsupported sample shape {tuple(shape)}")
 
 
-# Patch geometry depends only on shapes, so its index tensors are cached across calls.
+# Patch geometry depends only on shapes, so its index and mask tensors are cached across calls.
 _INDEX_CACHE: dict[tuple[object, ...], torch.Tensor] = {}
 _PAIRS_CACHE: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -253,28 +253,35 @@ class Patches:
         padded = F.pad(self.values, (0, 0, 0, 0, 0, 0, pw, pw, ph, ph))
         grown = (rh + (kh - 1) * Sh, rw + (kw - 1) * Sw)
         # Tap (i, j) sees the units at (stride * (y, x) + (i, j)) of the padded activation:
-        # [taps, C, B, oh, ow, K], one strided view per tap.
+        # one strided view per tap, laid out [taps, rh, rw, B, oh, ow, c0, C] so that the
+        # channel mix is one batched matmul and its result has the units innermost.
         windows = torch.stack(
             [
                 padded[
                     :, :, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw
-                ].transpose(0, 1)
+                ].permute(5, 6, 0, 2, 3, 4, 1)
                 for i in range(kh)
                 for j in range(kw)
             ]
         )
         if weight is None:  # average pooling: per channel, equal weights
-            mixed = windows.transpose(1, 2) / taps  # [taps, B, C, oh, ow, c0, rh, rw]
-        else:  # [taps, Co, C] @ [taps, C, B * oh * ow * K]
-            per_tap = weight.reshape(weight.shape[0], channels, taps).permute(2, 0, 1)
-            mixed = torch.bmm(per_tap, windows.reshape(taps, channels, -1))
-            mixed = mixed.reshape(taps, weight.shape[0], batch, -1).transpose(1, 2)
-        out_channels = mixed.shape[2]
-        # Tap (i, j)'s patch lands at offset (Sh * i, Sw * j) of the grown patch: that is
-        # exactly col2im (fold) with the taps as blocks and the old patch as the kernel.
-        blocks = mixed.reshape(taps, -1, rh * rw).permute(1, 2, 0).reshape(1, -1, taps)
-        folded = F.fold(blocks, grown, (rh, rw), stride=(Sh, Sw))  # units as channels
-        new = folded.reshape(batch, out_channels, oh, ow, c0, *grown)
+            out_channels, mixed = channels, windows / taps
+        else:  # [taps, rh * rw * B * oh * ow * c0, C] @ [taps, C, Co]
+            out_channels = weight.shape[0]
+            per_tap = weight.reshape(out_channels, channels, taps).permute(2, 1, 0)
+            mixed = torch.bmm(windows.reshape(taps, -1, channels), per_tap)
+        # Tap (i, j)'s patch lands at offset (Sh * i, Sw * j) of the grown patch: one
+        # add of contiguous unit rows per tap.
+        units = mixed.numel() // (taps * rh * rw)
+        folded = mixed.new_zeros(*grown, units)
+        for tap, contribution in enumerate(mixed.reshape(taps, rh, rw, -1).unbind(0)):
+            i, j = divmod(tap, kw)
+            folded[Sh * i : Sh * i + rh, Sw * j : Sw * j + rw] += contribution
+        new = (
+            folded.reshape(*grown, batch, oh, ow, c0, out_channels)
+            .permute(2, 6, 3, 4, 5, 0, 1)
+            .contiguous()
+        )
         return Patches(
             new,
             self.input_units,
@@ -308,9 +315,14 @@ class Patches:
             padding,
             identity=False,
         )
-        rows, cols = new._inside(oh, kh, 0), new._inside(ow, kw, 1)
-        mask = rows.reshape(oh, 1, kh, 1) & cols.reshape(1, ow, 1, kw)
-        new.values = new.values * mask.reshape(1, 1, oh, ow, 1, kh, kw).to(like.dtype)
+        key = ("inside", self.input_units, stride, padding, kernel, out_hw, like.dtype, like.device)
+        if key not in _INDEX_CACHE:
+            if len(_INDEX_CACHE) >= 64:
+                _INDEX_CACHE.clear()
+            rows, cols = new._inside(oh, kh, 0), new._inside(ow, kw, 1)
+            mask = rows.reshape(oh, 1, kh, 1) & cols.reshape(1, ow, 1, kw)
+            _INDEX_CACHE[key] = mask.reshape(1, 1, oh, ow, 1, kh, kw).to(like.dtype)
+        new.values = new.values * _INDEX_CACHE[key]
         return new
 
     def _inside(self, size: int, extent: int, axis: int) -> torch.Tensor:
