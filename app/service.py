@@ -357,7 +357,8 @@ class DerivativeService:
                 "compute_ms": round(compute_ms, 3),
                 "zero": zero,
                 # The load-time curvature: it also reads TorchScript and export graphs.
-                "notes": _notes(prepared.kind, prepared.model.curvature, prepared.objective, zero),
+                "notes": _notes(prepared.kind, prepared.model.curvature, prepared.objective, zero)
+                + _random_notes(prepared.model),
             },
         }
 
@@ -389,6 +390,18 @@ class DerivativeService:
             return codec.encode_body(self.describe(prepared, result, compute_ms), request.encoding)
         body = await anyio.to_thread.run_sync(self.describe, prepared, result, compute_ms)
         return await anyio.to_thread.run_sync(codec.encode_body, body, request.encoding)
+
+
+def _random_notes(model: LoadedModel) -> list[str]:
+    """A warning when the load-time probe found random operations in the model."""
+    report = model.capabilities
+    if report is None or not report.random_ops:
+        return []
+    evidence = "; ".join(report.random_evidence) or "its forward passes differ"
+    return [
+        f"The model holds random operations ({evidence}): this is the derivative of one "
+        "random draw, and another request may differ."
+    ]
 
 
 def _notes(kind: Kind, curvature: Curvature, objective: Objective | None, zero: bool) -> list[str]:

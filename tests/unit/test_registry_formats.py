@@ -11,9 +11,12 @@ import torch
 from torch import nn
 
 from app.capabilities import MAX_PROBE_HESSIAN_ENTRIES, curvature_of, probe
+from app.config import Settings
 from app.engine import Curvature, Objective, compute_hessian, compute_jacobian
 from app.errors import Conflict, InvalidInput, NotFound
 from app.registry import LoadedModel, Manifest, Registry, load_model, version_key
+from app.schemas import DerivativeRequest
+from app.service import DerivativeService
 from tests.byom import (
     Branchy,
     Float32Only,
@@ -161,6 +164,36 @@ def test_random_ops_are_reported() -> None:
     assert report.random_ops
     assert any("dropout in training mode" in line for line in report.random_evidence)
     assert not probe(dropout.eval(), [3], batch="any").random_ops
+
+
+def test_responses_of_a_random_model_carry_a_note(tmp_path: Path) -> None:
+    """The probe's random-ops finding reaches the client, and only for random models."""
+    registry = Registry(CPU)
+    for name, module in (("noisy", Noisy()), ("steady", seeded(SoftMLP()))):
+        folder = _folder(tmp_path, name, "torchscript", torchscript_bytes(module), [6])
+        registry.add(load_model(folder, CPU))
+    registry.ready = True
+    service = DerivativeService(registry, Settings(device="cpu"))
+    try:
+        notes = {}
+        for name in ("noisy", "steady"):
+            request = DerivativeRequest.model_validate(
+                {
+                    "model": name,
+                    "inputs": [{"shape": [6], "datatype": "FP64", "data": [0.5] * 6}],
+                    "output_index": 1,
+                    "precision": "float64",
+                }
+            )
+            prepared = service.prepare("hessian", request)
+            result, compute_ms = service.compute(prepared)
+            notes[name] = service.describe(prepared, result, compute_ms)["metadata"]["notes"]
+    finally:
+        service.close()
+    random_notes = [note for note in notes["noisy"] if "random operations" in note]
+    assert len(random_notes) == 1
+    assert "aten::rand_like" in random_notes[0]
+    assert not any("random" in note for note in notes["steady"])
 
 
 def test_versions_sort_naturally() -> None:
