@@ -323,7 +323,7 @@ class DerivativeService:
         """The response body: the matrix, the model output, and the metadata."""
         request, manifest = prepared.request, prepared.model.manifest
         sample_shape = list(manifest.input_shape)
-        matrix = result.matrix[:, 0] if result.squeeze_scalars else result.matrix
+        matrix = result.selected
         if request.layout == "tensor":
             leading = list(matrix.shape[: -2 if prepared.kind == "hessian" else -1])
             if (

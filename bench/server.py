@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import base64
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -19,50 +13,7 @@ import torch
 from app import engine
 from app.api.examples import digit_image
 from bench.run import bundled
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextmanager
-def uvicorn_server() -> Iterator[str]:
-    """A real server on 127.0.0.1 (bounded: 60 s to get ready), stopped on exit."""
-    port = _free_port()
-    env = {**os.environ, "HESSIAN_DEVICE": "cpu"}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "app.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=1, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("the benchmark server did not become ready in 60 s")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+from bench.serving import server
 
 
 def _decode(response: httpx.Response, encoding: str) -> np.ndarray:
@@ -131,7 +82,7 @@ def end_to_end(repeats: int) -> dict[str, float]:
         engine_ms.append((time.perf_counter() - start) * 1000)
     engine_alone = round(statistics.median(engine_ms[1:]), 3)
     figures: dict[str, float] = {"http/engine_alone_ms": engine_alone}
-    with uvicorn_server() as url, httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
+    with server() as url, httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
         for name in ("digits_cnn", "mlp_tanh"):
             measured = _time_encodings(client, name, image, repeats)
             prefix = "http/" if name == "digits_cnn" else f"http/{name}/"

@@ -72,6 +72,12 @@ class DerivativeResult:
     curvature: Curvature
     squeeze_scalars: bool
 
+    @property
+    def selected(self) -> torch.Tensor:
+        """``matrix`` as the caller asked for it: without the ``k`` axis for one int index
+        or an objective (``[B, n, n]`` / ``[B, n]``), with it for a list of indices."""
+        return self.matrix[:, 0] if self.squeeze_scalars else self.matrix
+
 
 @dataclass(frozen=True)
 class _Selection:
@@ -463,15 +469,14 @@ def hessian(
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> torch.Tensor:
     """``[B, n, n]`` for one output index or an objective, ``[B, k, n, n]`` for a list of k."""
-    result = compute_hessian(
+    return compute_hessian(
         model,
         x,
         output_index=output_index,
         objective=objective,
         method=method,
         memory_budget_bytes=memory_budget_bytes,
-    )
-    return result.matrix[:, 0] if result.squeeze_scalars else result.matrix
+    ).selected
 
 
 def jacobian(
@@ -484,12 +489,11 @@ def jacobian(
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> torch.Tensor:
     """``[B, m, n]`` for all outputs (or a list of m indices), ``[B, n]`` for one index."""
-    result = compute_jacobian(
+    return compute_jacobian(
         model,
         x,
         output_index=output_index,
         objective=objective,
         method=method,
         memory_budget_bytes=memory_budget_bytes,
-    )
-    return result.matrix[:, 0] if result.squeeze_scalars else result.matrix
+    ).selected

@@ -21,17 +21,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hessian_client.cli import ALLOCATOR_ENV
 from tests.device import TEST_DEVICE
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 60.0
-# Keep freed pages in the server process: the vectorized derivative code otherwise spends
-# its time in page faults (see DESIGN.md, "Facts about the build machines").
-ALLOCATOR_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": "4294967296",
-    "MALLOC_TRIM_THRESHOLD_": "1000000000000",
-}
 
 
 def free_port() -> int:
