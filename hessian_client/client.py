@@ -33,6 +33,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 Kind = Literal["hessian", "jacobian"]
 Encoding = Literal["binary", "base64", "json"]
 T = TypeVar("T")
+# /health/ready answers 503 while loading: that is the answer, so only 429 is retried.
+NOT_READY_RETRIES = frozenset({429})
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,13 @@ def _result(kind: Kind, response: httpx.Response) -> Result:
 class _Base:
     def __init__(self, retries: int, backoff: float, max_backoff: float) -> None:
         self.retry = RetryPolicy(retries=retries, backoff=backoff, max_backoff=max_backoff)
+
+    @staticmethod
+    def _not_ready(exc: HessianServiceError) -> dict[str, Any]:
+        """A 503 from /health/ready is an answer (loading), not an error; others raise."""
+        if exc.status != 503:
+            raise exc
+        return {**exc.problem, "ready": False}
 
     def _transport_error(self, what: str, exc: Exception) -> HessianServiceError:
         error = HessianServiceError(
@@ -180,11 +189,9 @@ class Client(_Base):
     def health(self) -> dict[str, Any]:
         """``GET /health/ready``'s body, with ``ready``: whether requests can be served."""
         try:
-            response = self.request("GET", "/health/ready", retry_statuses=frozenset({429}))
+            response = self.request("GET", "/health/ready", retry_statuses=NOT_READY_RETRIES)
         except HessianServiceError as exc:
-            if exc.status != 503:
-                raise
-            return {**exc.problem, "ready": False}
+            return self._not_ready(exc)
         return {**response.json(), "ready": True}
 
     def models(self) -> list[dict[str, Any]]:
@@ -336,11 +343,9 @@ class AsyncClient(_Base):
     async def health(self) -> dict[str, Any]:
         """``GET /health/ready``'s body, with ``ready``: whether requests can be served."""
         try:
-            response = await self.request("GET", "/health/ready", retry_statuses=frozenset({429}))
+            response = await self.request("GET", "/health/ready", retry_statuses=NOT_READY_RETRIES)
         except HessianServiceError as exc:
-            if exc.status != 503:
-                raise
-            return {**exc.problem, "ready": False}
+            return self._not_ready(exc)
         return {**response.json(), "ready": True}
 
     async def models(self) -> list[dict[str, Any]]:
