@@ -36,6 +36,8 @@ from torch.func import grad, hessian, vmap
 from torch.nn.grad import conv1d_input, conv2d_input
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from app.engine.symmetric import symmetric_matmul
+
 ELEMENTWISE: tuple[type[nn.Module], ...] = (
     nn.Tanh,
     nn.Sigmoid,
@@ -391,10 +393,11 @@ class _Curvature:
 
     def through_linear(self, weight: torch.Tensor) -> None:
         if self.diagonal is not None:
-            self.dense = (weight * self.diagonal.unsqueeze(-1)).transpose(-1, -2) @ weight
+            weighted = weight * self.diagonal.unsqueeze(-1)
+            self.dense = symmetric_matmul(weighted.transpose(-1, -2), weight)
             self.diagonal = None
         elif self.dense is not None:
-            self.dense = weight.transpose(-1, -2) @ (self.dense @ weight)
+            self.dense = symmetric_matmul(weight.transpose(-1, -2), self.dense @ weight)
 
     def scale(self, factor: torch.Tensor) -> None:
         """``diag(factor) H diag(factor)``."""
@@ -418,13 +421,11 @@ class _Curvature:
 
     def sandwich(self, a: torch.Tensor) -> torch.Tensor | None:
         """``A^T H A`` for ``A [B or 1, h, n]``, or None when H is zero."""
-        # One plain product: a block-triangular (syrk-like) split measured slower on CPU,
-        # its small matmuls running further from peak than the flops it saves.
         a = a.unsqueeze(1)
         if self.diagonal is not None:
-            return a.transpose(-1, -2) @ (a * self.diagonal.unsqueeze(-1))
+            return symmetric_matmul(a.transpose(-1, -2), a * self.diagonal.unsqueeze(-1))
         if self.dense is not None:
-            return a.transpose(-1, -2) @ (self.dense @ a)
+            return symmetric_matmul(a.transpose(-1, -2), self.dense @ a)
         return None
 
 

@@ -1,0 +1,27 @@
+"""The block-triangular symmetric product equals one plain product."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.engine.symmetric import MIN_SIZE, symmetric_matmul
+
+
+@pytest.mark.parametrize(
+    ("left_batch", "right_batch", "n"),
+    [((), (), MIN_SIZE), ((1, 1), (3, 2), 777), ((2,), (2,), 1031), ((), (), 17)],
+)
+def test_equals_the_plain_product(
+    left_batch: tuple[int, ...], right_batch: tuple[int, ...], n: int
+) -> None:
+    generator = torch.Generator().manual_seed(n)
+    h = 40
+    a = torch.randn(*left_batch, h, n, dtype=torch.float64, generator=generator)
+    s = torch.randn(*right_batch, h, h, dtype=torch.float64, generator=generator)
+    s = s + s.transpose(-1, -2)
+    left, right = a.transpose(-1, -2), s @ a
+    result = symmetric_matmul(left, right)
+    expected = left @ right
+    assert result.shape == expected.shape
+    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-10)
