@@ -13,7 +13,9 @@ first ``Linear`` into
   every unit there depends only on its receptive field, a small patch of the input, so
   its Jacobian is kept as one small dense patch per unit (``Patches``) and its Hessian
   term is a ``K x K`` block per position, scattered into ``H`` -- never an ``n x n``
-  product;
+  product. Up to the second convolution the patches factor as a per-unit scale times
+  the first kernel, so that convolution's patches are one convolution of the scale with
+  a composed kernel, and the first layer's blocks are one product;
 - a *tail* (Linear, BatchNorm1d, elementwise functions): its curvature is propagated
   backward in each layer's width (``W^T H W``; ``diag(s') H diag(s') + diag(g s'')``)
   down to the output of the first ``Linear``, ``H_h``, and enters ``H`` once as
@@ -209,6 +211,11 @@ class Patches:
     stride: tuple[int, int] = (1, 1)
     offset: tuple[int, int] = (0, 0)
     identity: bool = True
+    # After one window over the input and per-unit scalings only, ``values`` factor as
+    # ``scale[b, c, y, x] * kernel[c, c0, i, j] * inside[y, x, i, j]``; kept as
+    # ``(kernel, scale or None)`` so the next convolution and this layer's Hessian
+    # blocks can use the factors (``_composed_window``, ``_add_blocks``).
+    factored: tuple[torch.Tensor, torch.Tensor | None] | None = None
     _indices: torch.Tensor | None = field(default=None, repr=False)
     _pairs: torch.Tensor | None = field(default=None, repr=False)
 
@@ -233,7 +240,13 @@ class Patches:
     def scaled(self, factor: torch.Tensor) -> Patches:
         """``diag(factor) J`` for a per-unit factor ``[B or 1, C, H, W]``."""
         values = self.values * factor.reshape(*factor.shape[:4], 1, 1, 1)
-        return Patches(values, self.input_units, self.stride, self.offset, identity=False)
+        factored = None
+        if self.factored is not None:
+            kernel, scale = self.factored
+            factored = (kernel, factor if scale is None else scale * factor)
+        return Patches(
+            values, self.input_units, self.stride, self.offset, identity=False, factored=factored
+        )
 
     def through_window(
         self,
@@ -248,6 +261,8 @@ class Patches:
         (sh, sw), (ph, pw), (oh, ow) = stride, padding, out_hw
         if self.identity:
             return self._first_window(weight, kernel, stride, padding, out_hw)
+        if self.factored is not None and weight is not None:
+            return self._composed_window(weight, kernel, stride, padding, out_hw)
         Sh, Sw = self.stride
         batch, channels, _, _, c0, rh, rw = self.values.shape
         taps = kh * kw
@@ -316,16 +331,97 @@ class Patches:
             stride,
             padding,
             identity=False,
+            factored=(kernel_values, None),
         )
-        key = ("inside", self.input_units, stride, padding, kernel, out_hw, like.dtype, like.device)
+        new.values = new.values * new.inside_mask((oh, ow), (kh, kw))
+        return new
+
+    def _composed_window(
+        self,
+        weight: torch.Tensor,
+        kernel: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        out_hw: tuple[int, int],
+    ) -> Patches:
+        """A convolution after a factored first window, as ONE convolution of the scale.
+
+        The new unit ``(o, y, x)`` sees input offset ``(u, v)`` of its grown patch through
+        ``sum_{c, i, j} W[o, c, i, j] scale[c, s y + i, s x + j] K[c, c0, u - S i, v - S j]``
+        (``S`` the first window's stride), and whether ``(u, v)`` lies inside the input
+        does not depend on the tap. So the composed kernel
+        ``Q[(o, c0, u, v), c, i, j] = W[o, c, i, j] K[c, c0, u - S i, v - S j]`` applied to
+        the scale with this layer's stride and padding gives every local Jacobian at
+        once; the padding's zeros in the scale stand for the zero-padded activation.
+        """
+        base, scale = self.factored if self.factored is not None else (None, None)
+        assert base is not None
+        (kh, kw), (oh, ow) = kernel, out_hw
+        Sh, Sw = self.stride
+        channels, c0, rh, rw = base.shape
+        grown = (rh + (kh - 1) * Sh, rw + (kw - 1) * Sw)
+        out_channels = weight.shape[0]
+        # [o, c, i, j, c0, a, b]: every tap's weight times the first window's kernel
+        products = weight.reshape(out_channels, channels, kh, kw, 1, 1, 1) * base.reshape(
+            1, channels, 1, 1, c0, rh, rw
+        )
+        composed = weight.new_zeros(out_channels, c0, *grown, channels, kh, kw)
+        for i in range(kh):
+            for j in range(kw):
+                composed[:, :, Sh * i : Sh * i + rh, Sw * j : Sw * j + rw, :, i, j] = products[
+                    :, :, i, j
+                ].permute(0, 2, 3, 4, 1)
+        if scale is None:
+            scale = weight.new_ones(1, channels, *self.values.shape[2:4])
+        mixed = F.conv2d(
+            scale,
+            composed.reshape(-1, channels, kh, kw),
+            stride=stride,
+            padding=padding,
+        )
+        values = (
+            mixed.reshape(-1, out_channels, c0, *grown, oh, ow)
+            .permute(0, 1, 5, 6, 2, 3, 4)
+            .contiguous()  # the units' layout, which the blocks and later windows read
+        )
+        new = Patches(
+            values,
+            self.input_units,
+            (Sh * stride[0], Sw * stride[1]),
+            (self.offset[0] + Sh * padding[0], self.offset[1] + Sw * padding[1]),
+            identity=False,
+        )
+        new.values = values.mul_(new.inside_mask((oh, ow), grown))
+        return new
+
+    def block_mask(self) -> torch.Tensor:
+        """``inside[p, i] * inside[p, j]`` for every position's ``K x K`` block,
+        ``[P, K, K]`` (cached)."""
+        height, width, c0, rh, rw = self.values.shape[2:7]
+        key: tuple[object, ...] = ("block", self.input_units, self.stride, self.offset)
+        key += (self.values.shape[2:], self.values.dtype, self.values.device)
         if key not in _INDEX_CACHE:
             if len(_INDEX_CACHE) >= 64:
                 _INDEX_CACHE.clear()
-            rows, cols = new._inside(oh, kh, 0), new._inside(ow, kw, 1)
-            mask = rows.reshape(oh, 1, kh, 1) & cols.reshape(1, ow, 1, kw)
-            _INDEX_CACHE[key] = mask.reshape(1, 1, oh, ow, 1, kh, kw).to(like.dtype)
-        new.values = new.values * _INDEX_CACHE[key]
-        return new
+            inside = self.inside_mask((height, width), (rh, rw)).reshape(height * width, 1, -1)
+            inside = inside.expand(-1, c0, -1).reshape(height * width, -1)  # every channel
+            _INDEX_CACHE[key] = inside.unsqueeze(2) * inside.unsqueeze(1)
+        return _INDEX_CACHE[key]
+
+    def inside_mask(self, out_hw: tuple[int, int], extent: tuple[int, int]) -> torch.Tensor:
+        """1 where a patch entry lies inside the input, 0 over its zero padding,
+        ``[1, 1, oh, ow, 1, rh, rw]`` (cached: it depends on the geometry only)."""
+        (oh, ow), (rh, rw) = out_hw, extent
+        like = self.values
+        key: tuple[object, ...] = ("inside", self.input_units, self.stride, self.offset)
+        key += (extent, out_hw, like.dtype, like.device)
+        if key not in _INDEX_CACHE:
+            if len(_INDEX_CACHE) >= 64:
+                _INDEX_CACHE.clear()
+            rows, cols = self._inside(oh, rh, 0), self._inside(ow, rw, 1)
+            mask = rows.reshape(oh, 1, rh, 1) & cols.reshape(1, ow, 1, rw)
+            _INDEX_CACHE[key] = mask.reshape(1, 1, oh, ow, 1, rh, rw).to(like.dtype)
+        return _INDEX_CACHE[key]
 
     def _inside(self, size: int, extent: int, axis: int) -> torch.Tensor:
         """Whether each (output position, patch offset) along ``axis`` (0: rows, 1:
@@ -591,9 +687,21 @@ def _add_blocks(
     batch, scalars = coefficient.shape[:2]
     channels, height, width = values.shape[1:4]
     positions, k = height * width, patches.patch
-    local = values.reshape(values.shape[0], channels, positions, k)
-    weighted = coefficient.reshape(batch, scalars, channels, positions, 1) * local.unsqueeze(1)
-    blocks = torch.einsum("bscpi,bcpj->bspij", weighted, local.expand(batch, -1, -1, -1))
+    if patches.factored is not None:
+        # Local Jacobians scale[c, p] * K[c, :] (masked): the blocks are ONE product of
+        # the per-position channel weights with the kernel's per-channel outer products.
+        kernel, scale = patches.factored
+        if scale is not None:
+            coefficient = coefficient * (scale * scale).unsqueeze(1)
+        flat_kernel = kernel.reshape(channels, k)
+        outer = (flat_kernel.unsqueeze(2) * flat_kernel.unsqueeze(1)).reshape(channels, k * k)
+        per_position = coefficient.reshape(batch * scalars, channels, positions).transpose(1, 2)
+        blocks = (per_position @ outer).reshape(batch * scalars, positions, k, k)
+        blocks = blocks.mul_(patches.block_mask())
+    else:
+        local = values.reshape(values.shape[0], channels, positions, k)
+        weighted = coefficient.reshape(batch, scalars, channels, positions, 1) * local.unsqueeze(1)
+        blocks = torch.einsum("bscpi,bcpj->bspij", weighted, local.expand(batch, -1, -1, -1))
     hessian_flat.index_add_(1, patches.pairs(n), blocks.reshape(batch * scalars, -1))
 
 

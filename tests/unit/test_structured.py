@@ -184,6 +184,11 @@ CNNS = {
     "wide_kernel": dict(
         channels=3, convs=[(4, 5, 2, 2)], pool=True, batchnorm=False, size=7, tail=[]
     ),
+    # A strided first window then a padded convolution, through batch norm: the composed
+    # kernel's offsets are multiples of the first stride.
+    "strided_first_bn": dict(
+        channels=2, convs=[(3, 3, 2, 1), (2, 3, 1, 1)], pool=False, batchnorm=True, size=7, tail=[]
+    ),
 }
 
 
@@ -249,6 +254,40 @@ def test_pooling_first_and_padded_pooling_between_convolutions() -> None:
     )
     x = torch.randn(2, 2, 7, 7, dtype=torch.float64)
     for objective in objectives():
+        assert_paths_agree(model, x, objective)
+
+
+def test_convolutions_straight_after_convolutions_in_1d_and_2d() -> None:
+    """No non-linearity between the first two windows: the composed kernel with no scale."""
+    torch.manual_seed(11)
+    conv2d = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Conv2d(3, 2, 2, stride=2, padding=1),
+        nn.Softplus(),
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, 3),
+    )
+    conv1d = nn.Sequential(
+        nn.Conv1d(1, 3, 3),
+        nn.SiLU(),
+        nn.Conv1d(3, 2, 3, stride=2, padding=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(2 * 6, 3),
+    )
+    for model, shape in ((conv2d, (2, 6, 6)), (conv1d, (1, 11))):
+        model = model.double().eval().requires_grad_(False)
+        x = torch.randn(2, *shape, dtype=torch.float64)
+        for objective in (None, Objective("sum")):
+            assert_paths_agree(model, x, objective)
+
+
+def test_symmetric_block_products_of_a_wide_input() -> None:
+    """n >= 512: the final A^T H A is computed as an upper block triangle and a mirror."""
+    torch.manual_seed(12)
+    model = network(600, [40, 30], nn.Tanh, batchnorm=False)
+    x = torch.randn(1, 600, dtype=torch.float64)
+    for objective in (None, Objective("cross_entropy", target=torch.tensor(1))):
         assert_paths_agree(model, x, objective)
 
 
