@@ -600,17 +600,23 @@ def forward(network: Network, x: torch.Tensor, *, track_patches: bool) -> _Forwa
 
 
 def _head_backward(
-    network: Network, record: _Forward, gradient: torch.Tensor
-) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    network: Network, record: _Forward, gradient: torch.Tensor, *, to_input: bool = True
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
     """Gradients of the ``k`` scalars through the head.
 
     ``gradient`` is ``[B, k, d]`` at the head's output; returns it at the input,
-    ``[B, k, n]``, and at each elementwise layer's output (None for other layers).
+    ``[B, k, n]`` (None unless ``to_input``: a Hessian needs only the gradients at the
+    elementwise layers, so the layers below the first one are skipped), and at each
+    elementwise layer's output (None for other layers).
     """
     batch, scalars = gradient.shape[:2]
     at_outputs: list[torch.Tensor | None] = [None] * len(network.head)
     current = gradient
-    for position in range(len(network.head) - 1, -1, -1):
+    first_elementwise = next(
+        (i for i, d in enumerate(record.head_derivatives) if d is not None), len(network.head)
+    )
+    stop = 0 if to_input else first_elementwise
+    for position in range(len(network.head) - 1, stop - 1, -1):
         layer, layer_input = network.head[position], record.head_inputs[position]
         sample_in, sample_out = layer_input.shape[1:], record.head_output_shapes[position]
         current = current.reshape(batch, scalars, *sample_out)
@@ -638,6 +644,8 @@ def _head_backward(
                 ).requires_grad_(True)
                 pooled = layer(probe)
                 (current,) = torch.autograd.grad(pooled, probe, current.reshape(pooled.shape))
+    if not to_input:
+        return None, at_outputs
     return current.reshape(batch, scalars, -1), at_outputs
 
 
@@ -781,7 +789,7 @@ def hessian_of(
     if result is None or result.shape[0] != batch:
         zeros = x.new_zeros(batch, scalars, n, n)
         result = zeros if result is None else zeros + result
-    _, at_outputs = _head_backward(network, record, gradient)
+    _, at_outputs = _head_backward(network, record, gradient, to_input=False)
     flat = result.reshape(batch * scalars, n * n)
     for patches, derivatives, upstream in zip(
         record.head_patches, record.head_derivatives, at_outputs, strict=True
@@ -806,4 +814,5 @@ def jacobian_of(
     gradient, _ = _top(record.output, indices, None, x.new_zeros(x.shape[0]))
     gradient, _ = _tail_backward(network, record, gradient, None)
     rows, _ = _head_backward(network, record, gradient)
+    assert rows is not None
     return rows, record.output
