@@ -30,7 +30,8 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.serving import ALLOCATOR_ENV, server
+from bench.serving import server
+from hessian_client.cli import ALLOCATOR_ENV
 
 
 def bodies(

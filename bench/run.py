@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import json
 import os
@@ -261,7 +262,7 @@ def best_jacrev_chunk(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tenso
     best: tuple[float, int | None] = (float("inf"), None)
     for chunk in (64, 128, 256, 512, None):
         fn = jacrev(jacrev(f), chunk_size=chunk)
-        ms = median_ms(lambda fn=fn: fn(x0), repeats=3, budget_s=3)
+        ms = median_ms(functools.partial(fn, x0), repeats=3, budget_s=3)
         best = min(best, (ms, chunk), key=lambda pair: pair[0])
     return best[1]
 
@@ -302,12 +303,12 @@ def hessian_methods(
         return methods
     chunk = best_jacrev_chunk(f, x[0])
     methods[f"jacrev(jacrev) chunk={chunk}"] = lambda: jacrev(jacrev(f), chunk_size=chunk)(x[0])
-    methods["autograd.functional.hessian vectorize"] = lambda: torch.autograd.functional.hessian(
+    methods["autograd.functional.hessian vectorize"] = lambda: torch.autograd.functional.hessian(  # type: ignore[no-untyped-call]
         f, x[0], vectorize=True
     )
     if not quick or x[0].numel() <= 784:
         methods["row loop"] = lambda: row_loop_hessian(model, x)
-        methods["autograd.functional.hessian"] = lambda: torch.autograd.functional.hessian(f, x[0])
+        methods["autograd.functional.hessian"] = lambda: torch.autograd.functional.hessian(f, x[0])  # type: ignore[no-untyped-call]
     return methods
 
 
@@ -380,7 +381,7 @@ def matmul_gflops(fn: Callable[[], object], calls: int = 5) -> float | None:
     )
     if not flops or not self_us:
         return None
-    return flops * calls / (self_us / 1e6) / 1e9
+    return float(flops * calls / (self_us / 1e6) / 1e9)
 
 
 def hessian_rows(quick: bool) -> tuple[list[dict[str, Any]], dict[str, float]]:
@@ -404,7 +405,8 @@ def hessian_rows(quick: bool) -> tuple[list[dict[str, Any]], dict[str, float]]:
 
 def jacobian_methods(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
     def full(sample: torch.Tensor) -> torch.Tensor:
-        return model(sample.unsqueeze(0)).reshape(-1)
+        out: torch.Tensor = model(sample.unsqueeze(0))
+        return out.reshape(-1)
 
     return {
         "ours": lambda: engine.jacobian(model, x),
