@@ -19,6 +19,7 @@ import copy
 import functools
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -195,10 +196,12 @@ class Measured:
     peak_mb: float
 
 
-# Timed calls come in short bursts, each after an untimed call for methods faster than
-# WARM_MS: a fast method timed right after a slow one would otherwise pay for caches and
-# sleeping worker threads the slow one left behind, which back-to-back calls never see.
-BURST = 3
+# A timed sample is a run of back-to-back calls lasting at least SAMPLE_MS (as timeit's
+# autorange does), so that a short hiccup of the shared machine weighs on a 2 ms method
+# as little as on a 200 ms one; the sample's time per call is what the median is over.
+# Methods faster than WARM_MS get an untimed call before each sample, so that no method
+# is timed cold right after another one left caches and worker threads behind.
+SAMPLE_MS = 25.0
 WARM_MS = 100.0
 
 
@@ -210,50 +213,50 @@ def measure_all(
     budget_s: float,
 ) -> dict[str, Measured]:
     """Each method's error (against the reference's leading samples) and peak memory
-    from its first call, which is also its warm-up; then the median of its timed calls.
+    from its first call, which is also its warm-up; then the median time per call over
+    its timed samples.
 
-    Timing is interleaved in rounds, a burst of up to ``BURST`` calls of each method per
-    round, so that a change in the machine's speed during the run (other tenants,
-    clocks) reaches every method alike and the ratios stay fair. A method stops being
-    timed after ``repeats`` calls or once its timed calls have taken ``budget_s`` (at
-    least one timed call each).
+    Timing is interleaved in rounds, one sample of each method per round, so that a
+    change in the machine's speed during the run (other tenants, clocks) reaches every
+    method alike and the ratios stay fair. A method stops being timed after ``repeats``
+    samples or once its samples have taken ``budget_s`` (at least one sample each).
     """
-    errors, peaks, first_ms = {}, {}, {}
+    errors, peaks, fastest_ms = {}, {}, {}
     for label, fn in methods.items():
         with PeakMemory() as memory:
             start = time.perf_counter()
             result = fn()
             sync()
-            first_ms[label] = (time.perf_counter() - start) * 1000
+            fastest_ms[label] = (time.perf_counter() - start) * 1000
         checked = result.reshape(-1, *reference.shape[1:])[: reference.shape[0]]
         errors[label] = float((checked.double().cpu() - reference).abs().max())
         peaks[label] = memory.peak_bytes / 2**20
         del result, checked
-    times: dict[str, list[float]] = {label: [] for label in methods}
+    per_call: dict[str, list[float]] = {label: [] for label in methods}
     spent = dict.fromkeys(methods, 0.0)
 
     def due(label: str) -> bool:
-        done = times[label]
+        done = per_call[label]
         return len(done) < repeats and (not done or spent[label] < budget_s)
 
     while any(due(label) for label in methods):
         for label, fn in methods.items():
             if not due(label):
                 continue
-            if min([first_ms[label], *times[label]]) < WARM_MS:
+            if fastest_ms[label] < WARM_MS:
                 fn()
                 sync()
-            for _ in range(BURST):
-                if not due(label):
-                    break
-                start = time.perf_counter()
+            calls = max(1, math.ceil(SAMPLE_MS / max(fastest_ms[label], 1e-3)))
+            start = time.perf_counter()
+            for _ in range(calls):
                 fn()
-                sync()
-                elapsed = time.perf_counter() - start
-                times[label].append(elapsed * 1000)
-                spent[label] += elapsed
+            sync()
+            elapsed = time.perf_counter() - start
+            per_call[label].append(elapsed * 1000 / calls)
+            fastest_ms[label] = min(fastest_ms[label], per_call[label][-1])
+            spent[label] += elapsed
     return {
-        label: Measured(statistics.median(times[label]), errors[label], peaks[label])
+        label: Measured(statistics.median(per_call[label]), errors[label], peaks[label])
         for label in methods
     }
 
