@@ -37,6 +37,7 @@ from torch import nn
 from torch.func import grad, hessian, vmap
 from torch.nn.grad import conv1d_input, conv2d_input
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.weak import WeakIdKeyDictionary
 
 from app.engine.symmetric import symmetric_matmul
 
@@ -194,6 +195,55 @@ def _canonical(shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
 # Patch geometry depends only on shapes, so its index and mask tensors are cached across calls.
 _INDEX_CACHE: dict[tuple[object, ...], torch.Tensor] = {}
 _PAIRS_CACHE: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+# Composed kernels depend on two weights only, so one is kept per convolution weight
+# (weakly, by identity) with copies of both weights it was built from: reused only
+# while they compare equal, which also catches changes made through ``.data``.
+_COMPOSED_CACHE = WeakIdKeyDictionary()
+
+
+@dataclass(frozen=True)
+class _ComposedEntry:
+    weight: torch.Tensor
+    base: torch.Tensor
+    first_stride: tuple[int, int]
+    kernel: torch.Tensor
+
+    def matches(self, weight: torch.Tensor, base: torch.Tensor, stride: tuple[int, int]) -> bool:
+        return (
+            stride == self.first_stride
+            and base.shape == self.base.shape
+            and torch.equal(weight, self.weight)
+            and torch.equal(base, self.base)
+        )
+
+
+def _composed_kernel(
+    weight: torch.Tensor, base: torch.Tensor, first_stride: tuple[int, int]
+) -> torch.Tensor:
+    """``Q[(o, c0, u, v), c, i, j] = W[o, c, i, j] K[c, c0, u - S i, v - S j]`` as a conv2d
+    weight ``[o * c0 * gh * gw, c, kh, kw]`` (see ``Patches._composed_window``)."""
+    cached: _ComposedEntry | None = _COMPOSED_CACHE.get(weight)  # type: ignore[no-untyped-call]
+    if cached is not None and cached.matches(weight, base, first_stride):
+        return cached.kernel
+    out_channels, channels, kh, kw = weight.shape
+    _, c0, rh, rw = base.shape
+    Sh, Sw = first_stride
+    grown = (rh + (kh - 1) * Sh, rw + (kw - 1) * Sw)
+    # [o, c, i, j, c0, a, b]: every tap's weight times the first window's kernel
+    products = weight.reshape(out_channels, channels, kh, kw, 1, 1, 1) * base.reshape(
+        1, channels, 1, 1, c0, rh, rw
+    )
+    composed = weight.new_zeros(out_channels, c0, *grown, channels, kh, kw)
+    for i in range(kh):
+        for j in range(kw):
+            composed[:, :, Sh * i : Sh * i + rh, Sw * j : Sw * j + rw, :, i, j] = products[
+                :, :, i, j
+            ].permute(0, 2, 3, 4, 1)
+    kernel = composed.reshape(-1, channels, kh, kw)
+    _COMPOSED_CACHE[weight] = _ComposedEntry(weight.clone(), base.clone(), first_stride, kernel)
+    return kernel
 
 
 @dataclass
@@ -361,21 +411,12 @@ class Patches:
         channels, c0, rh, rw = base.shape
         grown = (rh + (kh - 1) * Sh, rw + (kw - 1) * Sw)
         out_channels = weight.shape[0]
-        # [o, c, i, j, c0, a, b]: every tap's weight times the first window's kernel
-        products = weight.reshape(out_channels, channels, kh, kw, 1, 1, 1) * base.reshape(
-            1, channels, 1, 1, c0, rh, rw
-        )
-        composed = weight.new_zeros(out_channels, c0, *grown, channels, kh, kw)
-        for i in range(kh):
-            for j in range(kw):
-                composed[:, :, Sh * i : Sh * i + rh, Sw * j : Sw * j + rw, :, i, j] = products[
-                    :, :, i, j
-                ].permute(0, 2, 3, 4, 1)
+        composed = _composed_kernel(weight, base, (Sh, Sw))
         if scale is None:
             scale = weight.new_ones(1, channels, *self.values.shape[2:4])
         mixed = F.conv2d(
             scale,
-            composed.reshape(-1, channels, kh, kw),
+            composed,
             stride=stride,
             padding=padding,
         )

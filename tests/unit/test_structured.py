@@ -282,6 +282,19 @@ def test_convolutions_straight_after_convolutions_in_1d_and_2d() -> None:
             assert_paths_agree(model, x, objective)
 
 
+def test_weights_changed_in_place_are_seen_by_the_next_call() -> None:
+    """The composed second-window kernel is cached per weight; a change made through
+    ``.data`` (which bumps no version counter) must not serve a stale kernel."""
+    torch.manual_seed(13)
+    model, shape = cnn(activation=nn.Tanh, **CNNS["digits_like"])  # type: ignore[arg-type]
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    assert_paths_agree(model, x, None)
+    first, second = (m for m in model.modules() if isinstance(m, nn.Conv2d))
+    for conv in (second, first):
+        conv.weight.data.mul_(1.5)
+        assert_paths_agree(model, x, None)
+
+
 def test_symmetric_block_products_of_a_wide_input() -> None:
     """n >= 512: the final A^T H A is computed as an upper block triangle and a mirror."""
     torch.manual_seed(12)
