@@ -224,7 +224,9 @@ def _composed_kernel(
 ) -> torch.Tensor:
     """``Q[(o, c0, u, v), c, i, j] = W[o, c, i, j] K[c, c0, u - S i, v - S j]`` as a conv2d
     weight ``[o * c0 * gh * gw, c, kh, kw]`` (see ``Patches._composed_window``)."""
-    cached: _ComposedEntry | None = _COMPOSED_CACHE.get(weight)  # type: ignore[no-untyped-call]
+    # A Conv1d weight arrives as a fresh 4-D view each call: key on the tensor it views.
+    owner = weight if weight._base is None else weight._base
+    cached: _ComposedEntry | None = _COMPOSED_CACHE.get(owner)  # type: ignore[no-untyped-call]
     if cached is not None and cached.matches(weight, base, first_stride):
         return cached.kernel
     out_channels, channels, kh, kw = weight.shape
@@ -242,7 +244,7 @@ def _composed_kernel(
                 :, :, i, j
             ].permute(0, 2, 3, 4, 1)
     kernel = composed.reshape(-1, channels, kh, kw)
-    _COMPOSED_CACHE[weight] = _ComposedEntry(weight.clone(), base.clone(), first_stride, kernel)
+    _COMPOSED_CACHE[owner] = _ComposedEntry(weight.clone(), base.clone(), first_stride, kernel)
     return kernel
 
 
@@ -298,27 +300,20 @@ class Patches:
             values, self.input_units, self.stride, self.offset, identity=False, factored=factored
         )
 
-    def through_window(
-        self,
-        weight: torch.Tensor | None,
-        kernel: tuple[int, int],
-        stride: tuple[int, int],
-        padding: tuple[int, int],
-        out_hw: tuple[int, int],
-    ) -> Patches:
-        """Through a convolution (``weight [Co, Ci, kh, kw]``) or an average pool (None)."""
-        kh, kw = kernel
-        (sh, sw), (ph, pw), (oh, ow) = stride, padding, out_hw
+    def through_window(self, window: Window) -> Patches:
+        """Through a convolution or an average pool."""
         if self.identity:
-            return self._first_window(weight, kernel, stride, padding, out_hw)
-        if self.factored is not None and weight is not None:
-            return self._composed_window(weight, kernel, stride, padding, out_hw)
+            return self._first_window(window)
+        if self.factored is not None and window.weight is not None:
+            return self._composed_window(window.weight, window)
+        weight, (kh, kw) = window.weight, window.kernel
+        (sh, sw), (ph, pw), (oh, ow) = window.stride, window.padding, window.out_hw
         Sh, Sw = self.stride
         batch, channels, _, _, c0, rh, rw = self.values.shape
         taps = kh * kw
         # Zero padding of the activation is zero padding of its patches.
         padded = F.pad(self.values, (0, 0, 0, 0, 0, 0, pw, pw, ph, ph))
-        grown = (rh + (kh - 1) * Sh, rw + (kw - 1) * Sw)
+        grown = self._grown(window)
         # Tap (i, j) sees the units at (stride * (y, x) + (i, j)) of the padded activation:
         # one strided view per tap, laid out [taps, rh, rw, B, oh, ow, c0, C] so that the
         # channel mix is one batched matmul and its result has the units innermost.
@@ -349,51 +344,52 @@ class Patches:
             .permute(2, 6, 3, 4, 5, 0, 1)
             .contiguous()
         )
+        return self._after(window, new)
+
+    def _grown(self, window: Window) -> tuple[int, int]:
+        """The patch extent after ``window``: each tap shifts by this patch's stride."""
+        (kh, kw), (Sh, Sw) = window.kernel, self.stride
+        rh, rw = self.values.shape[5], self.values.shape[6]
+        return (rh + (kh - 1) * Sh, rw + (kw - 1) * Sw)
+
+    def _after(
+        self,
+        window: Window,
+        values: torch.Tensor,
+        factored: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> Patches:
+        """The patches of ``window``'s output, holding ``values``: strides multiply and
+        the padding shifts the origin, in input units."""
+        (Sh, Sw), (sh, sw), (ph, pw) = self.stride, window.stride, window.padding
         return Patches(
-            new,
+            values,
             self.input_units,
             (Sh * sh, Sw * sw),
             (self.offset[0] + Sh * ph, self.offset[1] + Sw * pw),
             identity=False,
+            factored=factored,
         )
 
-    def _first_window(
-        self,
-        weight: torch.Tensor | None,
-        kernel: tuple[int, int],
-        stride: tuple[int, int],
-        padding: tuple[int, int],
-        out_hw: tuple[int, int],
-    ) -> Patches:
+    def _first_window(self, window: Window) -> Patches:
         """The first window over the input itself: each unit's local Jacobian is the
         kernel (``1 / taps`` per channel for pooling), zeroed where it covers padding."""
-        (kh, kw), (oh, ow) = kernel, out_hw
+        kh, kw = window.kernel
         channels = self.input_units[0]
         like = self.values
-        if weight is None:
+        if window.weight is None:
             eye = torch.eye(channels, dtype=like.dtype, device=like.device) / (kh * kw)
             kernel_values = eye.reshape(channels, channels, 1, 1).expand(-1, -1, kh, kw)
         else:
-            kernel_values = weight
-        new = Patches(
+            kernel_values = window.weight
+        new = self._after(
+            window,
             kernel_values.reshape(1, kernel_values.shape[0], 1, 1, channels, kh, kw),
-            self.input_units,
-            stride,
-            padding,
-            identity=False,
             factored=(kernel_values, None),
         )
-        new.values = new.values * new.inside_mask((oh, ow), (kh, kw))
+        new.values = new.values * new.inside_mask(window.out_hw, (kh, kw))
         return new
 
-    def _composed_window(
-        self,
-        weight: torch.Tensor,
-        kernel: tuple[int, int],
-        stride: tuple[int, int],
-        padding: tuple[int, int],
-        out_hw: tuple[int, int],
-    ) -> Patches:
+    def _composed_window(self, weight: torch.Tensor, window: Window) -> Patches:
         """A convolution after a factored first window, as ONE convolution of the scale.
 
         The new unit ``(o, y, x)`` sees input offset ``(u, v)`` of its grown patch through
@@ -406,33 +402,19 @@ class Patches:
         """
         base, scale = self.factored if self.factored is not None else (None, None)
         assert base is not None
-        (kh, kw), (oh, ow) = kernel, out_hw
-        Sh, Sw = self.stride
-        channels, c0, rh, rw = base.shape
-        grown = (rh + (kh - 1) * Sh, rw + (kw - 1) * Sw)
-        out_channels = weight.shape[0]
-        composed = _composed_kernel(weight, base, (Sh, Sw))
+        channels, c0 = base.shape[:2]
+        grown = self._grown(window)
+        composed = _composed_kernel(weight, base, self.stride)
         if scale is None:
             scale = weight.new_ones(1, channels, *self.values.shape[2:4])
-        mixed = F.conv2d(
-            scale,
-            composed,
-            stride=stride,
-            padding=padding,
-        )
+        mixed = F.conv2d(scale, composed, stride=window.stride, padding=window.padding)
         values = (
-            mixed.reshape(-1, out_channels, c0, *grown, oh, ow)
+            mixed.reshape(-1, weight.shape[0], c0, *grown, *window.out_hw)
             .permute(0, 1, 5, 6, 2, 3, 4)
             .contiguous()  # the units' layout, which the blocks and later windows read
         )
-        new = Patches(
-            values,
-            self.input_units,
-            (Sh * stride[0], Sw * stride[1]),
-            (self.offset[0] + Sh * padding[0], self.offset[1] + Sw * padding[1]),
-            identity=False,
-        )
-        new.values = values.mul_(new.inside_mask((oh, ow), grown))
+        new = self._after(window, values)
+        new.values = values.mul_(new.inside_mask(window.out_hw, grown))
         return new
 
     def block_mask(self) -> torch.Tensor:
@@ -580,24 +562,33 @@ class _Forward:
     patches: Patches | None = None  # J of the head's output
 
 
-def _window_geometry(
-    layer: nn.Module,
-) -> tuple[torch.Tensor | None, tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """(weight as [Co, Ci, kh, kw] or None for pooling, kernel, stride, padding), in 2-D."""
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-        weight = layer.weight if layer.weight.dim() == 4 else layer.weight.unsqueeze(2)
-        kernel = (weight.shape[2], weight.shape[3])
-        stride = _pair(layer.stride) or (1, 1)
-        padding = _pair(layer.padding) or (0, 0)
-    else:
-        assert isinstance(layer, (nn.AvgPool1d, nn.AvgPool2d))
-        weight = None
-        kernel = _pair(layer.kernel_size) or (1, 1)
-        stride = _pair(layer.stride if layer.stride else layer.kernel_size) or kernel
-        padding = _pair(layer.padding) or (0, 0)
-    if isinstance(layer, (nn.Conv1d, nn.AvgPool1d)):  # 1-D as 2-D with height 1
-        kernel, stride, padding = (1, kernel[1]), (1, stride[1]), (0, padding[1])
-    return weight, kernel, stride, padding
+@dataclass(frozen=True)
+class Window:
+    """A convolution (``weight [Co, Ci, kh, kw]``) or an average pool (``weight`` None)
+    in 2-D -- a 1-D layer has height 1 -- with its output's spatial size."""
+
+    weight: torch.Tensor | None
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    out_hw: tuple[int, int]
+
+    @classmethod
+    def of(cls, layer: nn.Module, out_hw: tuple[int, int]) -> Window:
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+            weight = layer.weight if layer.weight.dim() == 4 else layer.weight.unsqueeze(2)
+            kernel = (weight.shape[2], weight.shape[3])
+            stride = _pair(layer.stride) or (1, 1)
+            padding = _pair(layer.padding) or (0, 0)
+        else:
+            assert isinstance(layer, (nn.AvgPool1d, nn.AvgPool2d))
+            weight = None
+            kernel = _pair(layer.kernel_size) or (1, 1)
+            stride = _pair(layer.stride if layer.stride else layer.kernel_size) or kernel
+            padding = _pair(layer.padding) or (0, 0)
+        if isinstance(layer, (nn.Conv1d, nn.AvgPool1d)):  # 1-D as 2-D with height 1
+            kernel, stride, padding = (1, kernel[1]), (1, stride[1]), (0, padding[1])
+        return cls(weight, kernel, stride, padding, out_hw)
 
 
 def forward(network: Network, x: torch.Tensor, *, track_patches: bool) -> _Forward:
@@ -624,11 +615,8 @@ def forward(network: Network, x: torch.Tensor, *, track_patches: bool) -> _Forwa
             elif isinstance(layer, BATCHNORMS):
                 patches = patches.scaled(_batchnorm_scale(layer, units).unsqueeze(0))
             elif isinstance(layer, SPATIAL):
-                weight, kernel, stride, padding = _window_geometry(layer)
                 out_units = _canonical(output.shape[1:])
-                patches = patches.through_window(
-                    weight, kernel, stride, padding, (out_units[1], out_units[2])
-                )
+                patches = patches.through_window(Window.of(layer, out_units[1:]))
         activation = output
     record.patches = patches
     activation = activation.reshape(batch, -1)
