@@ -18,27 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from hessian_client._wire import HessianServiceError
+from hessian_client.local_server import ALLOCATOR_ENV, uvicorn_command
 
 DEFAULT_URL = os.environ.get("HESSIAN_URL", "http://127.0.0.1:8000")
-# glibc keeps freed pages with these: the vectorized derivative code otherwise spends
-# most of its time in page faults (DESIGN.md, "Facts about the build machines").
-ALLOCATOR_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": "4294967296",
-    "MALLOC_TRIM_THRESHOLD_": "1000000000000",
-}
 
 
 def _serve(args: argparse.Namespace) -> int:
     """Exec uvicorn on ``app.main:app`` with the allocator settings in its environment
     (glibc reads them at process start, so they cannot be set from inside)."""
     env = {**ALLOCATOR_ENV, **os.environ}
-    command = [sys.executable, "-m", "uvicorn", "app.main:app"]
-    command += ["--host", args.host, "--port", str(args.port)]
-    if args.workers > 1:
-        command += ["--workers", str(args.workers)]
+    options = ["--workers", str(args.workers)] if args.workers > 1 else []
     if args.no_access_log:
-        command.append("--no-access-log")
-    os.execve(sys.executable, command, env)
+        options.append("--no-access-log")
+    os.execve(sys.executable, uvicorn_command(args.host, args.port, options), env)
     return 0  # pragma: no cover - execve does not return
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from hessian_client import AsyncClient, Client, HessianServiceError
-from tests.e2e.conftest import free_port
+from hessian_client.local_server import free_port
 
 pytestmark = pytest.mark.e2e
 
