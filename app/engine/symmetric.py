@@ -4,10 +4,10 @@
 exposes no ``syrk``; splitting the rows into a few blocks and computing each block row
 only from the diagonal rightwards does ``(k + 1) / 2k`` of the flops of one product
 (5/8 for ``k = 4``) in ``k`` large matmuls, then mirrors the rest. On 2 CPU cores a
-784 x 256 x 784 product took 15-18% less time this way (``bench/run.py`` measures the
-whole Hessian). Below ``MIN_SIZE`` the smaller products lose to one big product. GPUs
-keep one product: the split was not measured on one (no GPU was at hand), and there a
-single large product is the known-good choice.
+784 x 256 x 784 product took 9-18% less time this way in interleaved runs
+(``bench/run.py`` measures the whole Hessian). Below ``MIN_SIZE`` the smaller products
+lose to one big product. GPUs keep one product: the split was not measured on one (no
+GPU was at hand), and there a single large product is the known-good choice.
 """
 
 from __future__ import annotations
