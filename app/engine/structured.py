@@ -143,30 +143,40 @@ def parse(model: nn.Module, sample_shape: tuple[int, ...]) -> Network | None:
     return Network(layers[:first_linear], layers[first_linear:])
 
 
-def elementwise_derivatives(layer: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sigma'(z)`` and ``sigma''(z)`` of an elementwise module, by double backward.
+Derivatives = tuple[torch.Tensor, torch.Tensor | None]  # sigma'(z), sigma''(z) or None
 
-    Closed forms for tanh, sigmoid and ReLU; otherwise double backward: elementwise means
-    a diagonal Jacobian, so the gradient of ``sum(sigma(z))`` is exactly ``sigma'(z)`` and
-    the gradient of ``sum(sigma'(z))`` is ``sigma''(z)``.
+
+def elementwise_derivatives(
+    layer: nn.Module, z: torch.Tensor, output: torch.Tensor | None = None
+) -> Derivatives:
+    """``sigma'(z)`` and ``sigma''(z)`` of an elementwise module; the second is None
+    where it is zero everywhere (piecewise-linear layers), so callers skip its terms.
+
+    Closed forms for tanh, sigmoid and ReLU, from ``output = sigma(z)`` when the caller
+    has it (the forward pass does: tanh of a CNN activation is not cheap to recompute).
+    Otherwise double backward: elementwise means a diagonal Jacobian, so the gradient
+    of ``sum(sigma(z))`` is exactly ``sigma'(z)`` and the gradient of ``sum(sigma'(z))``
+    is ``sigma''(z)``.
     """
     if type(layer) is nn.Tanh:
-        t = torch.tanh(z)
-        first = 1 - t * t
-        return first, -2 * t * first
+        t = torch.tanh(z) if output is None else output
+        first = 1 - t.square()
+        return first, first.mul(t).mul_(-2)
     if type(layer) is nn.Sigmoid:
-        s = torch.sigmoid(z)
+        s = torch.sigmoid(z) if output is None else output
         first = s * (1 - s)
         return first, first * (1 - 2 * s)
     if type(layer) is nn.ReLU:
-        return (z > 0).to(z.dtype), torch.zeros_like(z)
+        return (z > 0).to(z.dtype), None
     with torch.enable_grad():
         at = z.detach().requires_grad_(True)
         (first,) = torch.autograd.grad(layer(at).sum(), at, create_graph=True)
         if not first.requires_grad:  # piecewise linear: no second derivative
-            return first.detach(), torch.zeros_like(z)
+            return first.detach(), None
         (second,) = torch.autograd.grad(first.sum(), at, allow_unused=True)
-    return first.detach(), (second if second is not None else torch.zeros_like(z)).detach()
+    if second is None or not bool(second.any()):
+        return first.detach(), None
+    return first.detach(), second.detach()
 
 
 def _batchnorm_scale(layer: nn.Module, units: tuple[int, int, int]) -> torch.Tensor:
@@ -556,8 +566,8 @@ class _Forward:
     head_inputs: list[torch.Tensor] = field(default_factory=list)  # each layer's input
     head_patches: list[Patches | None] = field(default_factory=list)  # J of elementwise inputs
     head_output_shapes: list[torch.Size] = field(default_factory=list)  # per sample
-    # (sigma'(z), sigma''(z)) of each elementwise head layer, None for other layers
-    head_derivatives: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    # (sigma'(z), sigma''(z) or None) of each elementwise head layer, None for others
+    head_derivatives: list[Derivatives | None] = field(default_factory=list)
     tail_inputs: list[torch.Tensor] = field(default_factory=list)
     patches: Patches | None = None  # J of the head's output
 
@@ -606,7 +616,9 @@ def forward(network: Network, x: torch.Tensor, *, track_patches: bool) -> _Forwa
         output = layer(activation)
         record.head_output_shapes.append(output.shape[1:])
         derivatives = (
-            elementwise_derivatives(layer, activation) if isinstance(layer, ELEMENTWISE) else None
+            elementwise_derivatives(layer, activation, output)
+            if isinstance(layer, ELEMENTWISE)
+            else None
         )
         record.head_derivatives.append(derivatives)
         if patches is not None:
@@ -753,7 +765,11 @@ def _tail_backward(
     weight (None when the tail is empty).
     """
     tail, inputs = network.tail, record.tail_inputs
-    for layer, layer_input in zip(reversed(tail[1:]), reversed(inputs[1:]), strict=True):
+    # Each layer's output is the next one's input; these are those of tail[1:].
+    outputs = [*inputs[1:], record.output][1:]
+    for layer, layer_input, layer_output in zip(
+        reversed(tail[1:]), reversed(inputs[1:]), reversed(outputs), strict=True
+    ):
         if isinstance(layer, nn.Linear):
             if curvature is not None:
                 curvature.through_linear(layer.weight)
@@ -764,12 +780,12 @@ def _tail_backward(
                 curvature.scale(factor)
             gradient = gradient * factor
         elif isinstance(layer, ELEMENTWISE):
-            first, second = elementwise_derivatives(layer, layer_input)
-            first, second = first.unsqueeze(1), second.unsqueeze(1)
+            first, second = elementwise_derivatives(layer, layer_input, layer_output)
+            first = first.unsqueeze(1)
             if curvature is not None:
                 curvature.scale(first)
-                if bool(second.any()):
-                    curvature.add_diagonal(gradient * second)
+                if second is not None:
+                    curvature.add_diagonal(gradient * second.unsqueeze(1))
             gradient = gradient * first
     if not tail:
         return gradient, None
@@ -826,7 +842,7 @@ def hessian_of(
         if patches is None or upstream is None or derivatives is None:
             continue
         second = derivatives[1]
-        if not bool(second.any()):
+        if second is None:
             continue  # piecewise linear: no curvature of its own
         units = patches.units
         coefficient = upstream.reshape(batch, scalars, *units) * second.reshape(batch, 1, *units)

@@ -16,7 +16,7 @@ from torch import nn
 
 from app import engine
 from app.engine import Objective
-from app.engine.structured import ELEMENTWISE, parse
+from app.engine.structured import ELEMENTWISE, elementwise_derivatives, parse
 
 # Every supported elementwise non-linearity but the clipped ones (flat almost everywhere
 # on random inputs, so they would test little).
@@ -62,6 +62,27 @@ def assert_paths_agree(model: nn.Module, x: torch.Tensor, objective: Objective |
     assert slow.method.startswith("generic")
     diff = float((fast.matrix - slow.matrix).abs().max())
     assert diff <= TOLERANCE, f"max abs diff {diff:.2e}"
+
+
+@pytest.mark.parametrize("activation", ELEMENTWISE, ids=lambda a: a.__name__)
+def test_elementwise_derivatives_from_input_or_output_match_autograd(
+    activation: type[nn.Module],
+) -> None:
+    """sigma' and sigma'' from the closed forms (given the layer's output or not) and from
+    double backward equal autograd's; a piecewise-linear layer's sigma'' is None, which
+    the Hessian takes as zero without checking the tensor."""
+    layer = activation()
+    z = torch.linspace(-3.0, 3.0, 41, dtype=torch.float64).reshape(1, 41) + 0.013
+    at = z.clone().requires_grad_(True)
+    (first,) = torch.autograd.grad(layer(at).sum(), at, create_graph=True)
+    second = torch.autograd.grad(first.sum(), at)[0] if first.requires_grad else torch.zeros_like(z)
+    for output in (None, layer(z)):
+        got_first, got_second = elementwise_derivatives(layer, z, output)
+        assert float((got_first - first.detach()).abs().max()) <= 1e-14
+        if got_second is None:
+            assert not bool(second.any())
+        else:
+            assert float((got_second - second).abs().max()) <= 1e-14
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda a: a.__name__)
