@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, hessian, vmap
-from torch.nn.grad import conv1d_input, conv2d_input
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -670,13 +669,8 @@ def _head_backward(
             scaled = current.reshape(batch, scalars, *units) * _batchnorm_scale(layer, units)
             current = scaled.reshape(batch, scalars, *sample_in)
         elif isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-            conv_input = conv1d_input if isinstance(layer, nn.Conv1d) else conv2d_input
-            current = conv_input(  # type: ignore[no-untyped-call]
-                [batch * scalars, *sample_in],
-                layer.weight,
-                current.reshape(batch * scalars, *sample_out),
-                stride=layer.stride,
-                padding=layer.padding,
+            current = _conv_transposed(
+                layer, current.reshape(batch * scalars, *sample_out), sample_in
             )
         elif isinstance(layer, (nn.AvgPool1d, nn.AvgPool2d)):
             with torch.enable_grad():
@@ -688,6 +682,27 @@ def _head_backward(
     if not to_input:
         return None, at_outputs
     return current.reshape(batch, scalars, -1), at_outputs
+
+
+def _conv_transposed(
+    layer: nn.Conv1d | nn.Conv2d, gradient: torch.Tensor, sample_in: torch.Size
+) -> torch.Tensor:
+    """The gradient at a convolution's input from the one at its output: the transposed
+    convolution, with the output padding that restores the input's size (a strided
+    convolution drops the last rows and columns it does not reach)."""
+    padding = layer.padding
+    assert not isinstance(padding, str)  # string padding is not supported (parse)
+    reached = [
+        (size - 1) * stride - 2 * pad + kernel
+        for size, stride, pad, kernel in zip(
+            gradient.shape[2:], layer.stride, padding, layer.kernel_size, strict=True
+        )
+    ]
+    extra = [target - got for target, got in zip(sample_in[1:], reached, strict=True)]
+    transposed = F.conv_transpose1d if isinstance(layer, nn.Conv1d) else F.conv_transpose2d
+    return transposed(
+        gradient, layer.weight, stride=layer.stride, padding=padding, output_padding=extra
+    )
 
 
 def _pulled_back(patches: Patches, weight: torch.Tensor | None, n: int) -> torch.Tensor:
