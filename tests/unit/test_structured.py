@@ -210,6 +210,15 @@ CNNS = {
     "strided_first_bn": dict(
         channels=2, convs=[(3, 3, 2, 1), (2, 3, 1, 1)], pool=False, batchnorm=True, size=7, tail=[]
     ),
+    # A stride-1 5x5 first window over three channels, then a strided convolution.
+    "rgb_5x5": dict(
+        channels=3,
+        convs=[(4, 5, 1, 2), (3, 3, 2, 1)],
+        pool=False,
+        batchnorm=False,
+        size=9,
+        tail=[4],
+    ),
 }
 
 
