@@ -520,9 +520,8 @@ class _Curvature:
     diagonal: torch.Tensor | None = None
 
     def through_linear(self, weight: torch.Tensor) -> None:
-        if self.diagonal is not None:
-            weighted = weight * self.diagonal.unsqueeze(-1)
-            self.dense = symmetric_matmul(weighted.transpose(-1, -2), weight)
+        if self.diagonal is not None:  # (W^T diag) laid out contiguously: no copy in matmul
+            self.dense = symmetric_matmul(weight.t() * self.diagonal.unsqueeze(-2), weight)
             self.diagonal = None
         elif self.dense is not None:
             self.dense = symmetric_matmul(weight.transpose(-1, -2), self.dense @ weight)
@@ -531,8 +530,8 @@ class _Curvature:
         """``diag(factor) H diag(factor)``."""
         if self.diagonal is not None:
             self.diagonal = self.diagonal * factor * factor
-        elif self.dense is not None:
-            self.dense = factor.unsqueeze(-1) * self.dense * factor.unsqueeze(-2)
+        elif self.dense is not None:  # always a fresh product here, so scaled in place
+            self.dense.mul_(factor.unsqueeze(-1)).mul_(factor.unsqueeze(-2))
 
     def add_diagonal(self, values: torch.Tensor) -> None:
         if self.dense is not None:  # always a fresh product here, so updated in place
@@ -776,8 +775,9 @@ def _tail_backward(
 
     ``curvature`` (None for a Jacobian, which needs none) is updated in place.
 
-    Returns the gradient at the head's output ``[B, k, d]`` and the first Linear's
-    weight (None when the tail is empty).
+    Returns the gradient at the first Linear's output ``[B, k, h]`` (at the head's
+    output when the tail is empty) and that Linear's weight (None when the tail is
+    empty); ``_at_head_output`` takes the gradient on to the head, where it is needed.
     """
     tail, inputs = network.tail, record.tail_inputs
     # Each layer's output is the next one's input; these are those of tail[1:].
@@ -806,7 +806,12 @@ def _tail_backward(
         return gradient, None
     first_linear = tail[0]
     assert isinstance(first_linear, nn.Linear)
-    return gradient @ first_linear.weight, first_linear.weight
+    return gradient, first_linear.weight
+
+
+def _at_head_output(gradient: torch.Tensor, first_weight: torch.Tensor | None) -> torch.Tensor:
+    """The tail's gradient (at the first Linear's output) taken to the head's output."""
+    return gradient if first_weight is None else gradient @ first_weight
 
 
 def _top(
@@ -819,8 +824,8 @@ def _top(
     batch = output.shape[0]
     if objective is None:
         assert indices is not None
-        eye = torch.eye(output.shape[1], dtype=output.dtype, device=output.device)
-        return eye[indices.to(output.device)].expand(batch, -1, -1), _Curvature()
+        one_hot = F.one_hot(indices.to(output.device), output.shape[1]).to(output.dtype)
+        return one_hot.expand(batch, -1, -1), _Curvature()
     gradient = vmap(grad(objective))(output, targets).unsqueeze(1)
     return gradient, _Curvature(dense=vmap(hessian(objective))(output, targets).unsqueeze(1))
 
@@ -849,7 +854,10 @@ def hessian_of(
     if result is None or result.shape[0] != batch:
         zeros = x.new_zeros(batch, scalars, n, n)
         result = zeros if result is None else zeros + result
-    _, at_outputs = _head_backward(network, record, gradient, to_input=False)
+    at_outputs: list[torch.Tensor | None] = [None] * len(network.head)
+    if any(derivatives is not None for derivatives in record.head_derivatives):
+        head_gradient = _at_head_output(gradient, first_weight)
+        _, at_outputs = _head_backward(network, record, head_gradient, to_input=False)
     flat = result.reshape(batch * scalars, n * n)
     for patches, derivatives, upstream in zip(
         record.head_patches, record.head_derivatives, at_outputs, strict=True
@@ -872,7 +880,7 @@ def jacobian_of(
     by one batched backward pass of the ``k`` one-hot rows."""
     record = forward(network, x, track_patches=False)
     gradient, _ = _top(record.output, indices, None, x.new_zeros(x.shape[0]))
-    gradient, _ = _tail_backward(network, record, gradient, None)
-    rows, _ = _head_backward(network, record, gradient)
+    gradient, first_weight = _tail_backward(network, record, gradient, None)
+    rows, _ = _head_backward(network, record, _at_head_output(gradient, first_weight))
     assert rows is not None
     return rows, record.output
