@@ -824,8 +824,8 @@ def _top(
     batch = output.shape[0]
     if objective is None:
         assert indices is not None
-        one_hot = F.one_hot(indices.to(output.device), output.shape[1]).to(output.dtype)
-        return one_hot.expand(batch, -1, -1), _Curvature()
+        eye = torch.eye(output.shape[1], dtype=output.dtype, device=output.device)
+        return eye[indices.to(output.device)].expand(batch, -1, -1), _Curvature()
     gradient = vmap(grad(objective))(output, targets).unsqueeze(1)
     return gradient, _Curvature(dense=vmap(hessian(objective))(output, targets).unsqueeze(1))
 
