@@ -3,11 +3,18 @@
 ``A^T H A`` is symmetric, so its lower triangle is a transpose of its upper one. torch
 exposes no ``syrk``; splitting the rows into a few blocks and computing each block row
 only from the diagonal rightwards does ``(k + 1) / 2k`` of the flops of one product
-(5/8 for ``k = 4``) in ``k`` large matmuls, then mirrors the rest. On 2 CPU cores a
-784 x 256 x 784 product took 9-18% less time this way in interleaved runs
-(``bench/run.py`` measures the whole Hessian). Below ``MIN_SIZE`` the smaller products
-lose to one big product. GPUs keep one product: the split was not measured on one (no
-GPU was at hand), and there a single large product is the known-good choice.
+(5/8 for ``k = 4``) in ``k`` large matmuls, then mirrors the rest. On a shared 2-core
+CPU a 784 x 256 x 784 product took 9-18% less time this way in interleaved runs on one
+day, and on a busier day the whole mlp_tanh Hessian took the same time either way
+(within 8%, either side): smaller products run further from peak under load, and the
+mirror is a slow transposed copy. Below ``MIN_SIZE`` the smaller products lose to one
+big product. GPUs keep one product: the split was not measured on one (no GPU was at
+hand), and there a single large product is the known-good choice.
+
+Tried instead, and not kept: a cyclic split into 7 equal block rows of 4 blocks each,
+computed as ONE batched product (4/7 of the flops, and at full speed, since the batch
+runs one block row per core); putting its blocks and their transposes in place cost as
+much as that saved.
 """
 
 from __future__ import annotations
