@@ -142,6 +142,16 @@ def parse(model: nn.Module, sample_shape: tuple[int, ...]) -> Network | None:
     return Network(layers[:first_linear], layers[first_linear:])
 
 
+def _run(layer: nn.Module, activation: torch.Tensor) -> torch.Tensor:
+    """``layer(activation)``, leaving ``activation`` as it was: an in-place activation
+    (``nn.ReLU(inplace=True)``, ``nn.ELU(inplace=True)``, ...) would overwrite the
+    pre-activation its derivatives are taken at, or a leaf that autograd needs."""
+    output: torch.Tensor = layer(
+        activation.clone() if getattr(layer, "inplace", False) else activation
+    )
+    return output
+
+
 Derivatives = tuple[torch.Tensor, torch.Tensor | None]  # sigma'(z), sigma''(z) or None
 
 
@@ -169,7 +179,7 @@ def elementwise_derivatives(
         return (z > 0).to(z.dtype), None
     with torch.enable_grad():
         at = z.detach().requires_grad_(True)
-        (first,) = torch.autograd.grad(layer(at).sum(), at, create_graph=True)
+        (first,) = torch.autograd.grad(_run(layer, at).sum(), at, create_graph=True)
         if not first.requires_grad:  # piecewise linear: no second derivative
             return first.detach(), None
         (second,) = torch.autograd.grad(first.sum(), at, allow_unused=True)
@@ -611,7 +621,7 @@ def forward(network: Network, x: torch.Tensor, *, track_patches: bool) -> _Forwa
         record.head_patches.append(
             patches if isinstance(layer, ELEMENTWISE) and track_patches else None
         )
-        output = layer(activation)
+        output = _run(layer, activation)
         record.head_output_shapes.append(output.shape[1:])
         derivatives = (
             elementwise_derivatives(layer, activation, output)
@@ -633,7 +643,7 @@ def forward(network: Network, x: torch.Tensor, *, track_patches: bool) -> _Forwa
     for layer in network.tail:
         record.tail_inputs.append(activation)
         if not isinstance(layer, (*PASS_THROUGH, nn.Flatten)):
-            activation = layer(activation)
+            activation = _run(layer, activation)
     record.output = activation.reshape(batch, -1)
     return record
 

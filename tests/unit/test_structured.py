@@ -312,6 +312,34 @@ def test_convolutions_straight_after_convolutions_in_1d_and_2d() -> None:
             assert_paths_agree(model, x, objective)
 
 
+@pytest.mark.parametrize("activation", [nn.ELU, nn.SiLU, nn.ReLU, nn.LeakyReLU, nn.Hardtanh])
+def test_in_place_activations(activation: type[nn.Module]) -> None:
+    """``inplace=True`` activations (common in CNNs) overwrite their input: the structured
+    path must neither crash on it (double backward through an in-place op on a leaf) nor
+    take derivatives at the overwritten values; and the caller's input stays as it was."""
+    torch.manual_seed(17)
+    mlp = nn.Sequential(nn.Linear(5, 7), activation(inplace=True), nn.Linear(7, 3))  # type: ignore[call-arg]
+    convnet = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        activation(inplace=True),  # type: ignore[call-arg]
+        nn.Flatten(),
+        nn.Linear(2 * 5 * 5, 6),
+        activation(inplace=True),  # type: ignore[call-arg]
+        nn.Linear(6, 3),
+    )
+    for model, x in ((mlp, torch.randn(2, 5)), (convnet, torch.randn(2, 1, 5, 5))):
+        model = model.double().eval().requires_grad_(False)
+        x = x.double()
+        before = x.clone()
+        for objective in (None, Objective("cross_entropy", target=torch.tensor([0, 2]))):
+            assert_paths_agree(model, x, objective)
+        fast = engine.compute_jacobian(model, x)
+        slow = engine.compute_jacobian(model, x, method="generic")
+        assert fast.method == "structured"
+        assert float((fast.matrix - slow.matrix).abs().max()) <= TOLERANCE
+        assert torch.equal(x, before)
+
+
 def test_weights_changed_in_place_are_seen_by_the_next_call() -> None:
     """The composed second-window kernel is cached per weight; a change made through
     ``.data`` (which bumps no version counter) must not serve a stale kernel."""
