@@ -146,17 +146,22 @@ def median_ms(
 PEAK_SIZE_CPU, PEAK_SIZE_CUDA = 1024, 4096
 
 
-def _peak_operands(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _peak_operands(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     size = PEAK_SIZE_CUDA if DEVICE.type == "cuda" else PEAK_SIZE_CPU
     a = torch.randn(size, size, dtype=dtype, device=DEVICE)
-    return a, torch.randn(size, size, dtype=dtype, device=DEVICE), size
+    return a, torch.randn(size, size, dtype=dtype, device=DEVICE)
+
+
+def _square_gflops(a: torch.Tensor, b: torch.Tensor, repeats: int, budget_s: float) -> float:
+    """GFLOP/s of ``a @ b`` for square operands, from its median time."""
+    ms = median_ms(lambda: a @ b, repeats=repeats, budget_s=budget_s)
+    return 2 * a.shape[0] ** 3 / (ms / 1000) / 1e9
 
 
 def matmul_peak_gflops(dtype: torch.dtype) -> float:
     """GFLOP/s of one square matmul large enough to run at this machine's peak."""
-    a, b, size = _peak_operands(dtype)
-    ms = median_ms(lambda: a @ b, repeats=15, budget_s=5)
-    return 2 * size**3 / (ms / 1000) / 1e9
+    a, b = _peak_operands(dtype)
+    return _square_gflops(a, b, repeats=15, budget_s=5)
 
 
 def scalar_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -393,19 +398,21 @@ def matmuls_fraction_of_peak(
     )
     if not flops:
         return None
-    a, b, size = _peak_operands(dtype)
+    a, b = _peak_operands(dtype)
     names = {f"aten::{op}" for op in MATMUL_OPS}
     achieved, fractions = [], []
     for _ in range(rounds):
-        peak_ms = median_ms(lambda: a @ b, repeats=3, budget_s=1)
+        peak = _square_gflops(a, b, repeats=3, budget_s=1)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
             fn()
         self_us = sum(
             event.self_cpu_time_total for event in profiler.key_averages() if event.key in names
         )
-        gflops = flops / (self_us / 1e6) / 1e9
-        achieved.append(gflops)
-        fractions.append(gflops / (2 * size**3 / (peak_ms / 1000) / 1e9))
+        if self_us:  # a product too short for the profiler's clock says nothing
+            achieved.append(flops / (self_us / 1e6) / 1e9)
+            fractions.append(achieved[-1] / peak)
+    if not achieved:
+        return None
     return statistics.median(achieved), statistics.median(fractions)
 
 
