@@ -649,22 +649,32 @@ def forward(network: Network, x: torch.Tensor, *, track_patches: bool) -> _Forwa
 
 
 def _head_backward(
-    network: Network, record: _Forward, gradient: torch.Tensor, *, to_input: bool = True
+    network: Network,
+    record: _Forward,
+    gradient: torch.Tensor,
+    first_weight: torch.Tensor | None,
+    *,
+    to_input: bool = True,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
     """Gradients of the ``k`` scalars through the head.
 
-    ``gradient`` is ``[B, k, d]`` at the head's output; returns it at the input,
-    ``[B, k, n]`` (None unless ``to_input``: a Hessian needs only the gradients at the
-    elementwise layers, so the layers below the first one are skipped), and at each
-    elementwise layer's output (None for other layers).
+    ``gradient`` is ``[B, k, h]`` at the output of the tail's first Linear
+    (``first_weight``; at the head's output when there is none), as ``_tail_backward``
+    returns it. Returns the gradient at the input, ``[B, k, n]`` (None unless
+    ``to_input``: a Hessian needs only the gradients at the elementwise layers, so the
+    layers below the first one are skipped, and none of the head when it has no
+    elementwise layer, as in an MLP), and at each elementwise layer's output (None for
+    other layers).
     """
     batch, scalars = gradient.shape[:2]
     at_outputs: list[torch.Tensor | None] = [None] * len(network.head)
-    current = gradient
     first_elementwise = next(
         (i for i, d in enumerate(record.head_derivatives) if d is not None), len(network.head)
     )
     stop = 0 if to_input else first_elementwise
+    if stop == len(network.head) and not to_input:
+        return None, at_outputs
+    current = gradient if first_weight is None else gradient @ first_weight
     for position in range(len(network.head) - 1, stop - 1, -1):
         layer, layer_input = network.head[position], record.head_inputs[position]
         sample_in, sample_out = layer_input.shape[1:], record.head_output_shapes[position]
@@ -787,7 +797,7 @@ def _tail_backward(
 
     Returns the gradient at the first Linear's output ``[B, k, h]`` (at the head's
     output when the tail is empty) and that Linear's weight (None when the tail is
-    empty); ``_at_head_output`` takes the gradient on to the head, where it is needed.
+    empty); ``_head_backward`` takes the gradient on through it only when it is needed.
     """
     tail, inputs = network.tail, record.tail_inputs
     # Each layer's output is the next one's input; these are those of tail[1:].
@@ -817,11 +827,6 @@ def _tail_backward(
     first_linear = tail[0]
     assert isinstance(first_linear, nn.Linear)
     return gradient, first_linear.weight
-
-
-def _at_head_output(gradient: torch.Tensor, first_weight: torch.Tensor | None) -> torch.Tensor:
-    """The tail's gradient (at the first Linear's output) taken to the head's output."""
-    return gradient if first_weight is None else gradient @ first_weight
 
 
 def _top(
@@ -864,10 +869,7 @@ def hessian_of(
     if result is None or result.shape[0] != batch:
         zeros = x.new_zeros(batch, scalars, n, n)
         result = zeros if result is None else zeros + result
-    at_outputs: list[torch.Tensor | None] = [None] * len(network.head)
-    if any(derivatives is not None for derivatives in record.head_derivatives):
-        head_gradient = _at_head_output(gradient, first_weight)
-        _, at_outputs = _head_backward(network, record, head_gradient, to_input=False)
+    _, at_outputs = _head_backward(network, record, gradient, first_weight, to_input=False)
     flat = result.reshape(batch * scalars, n * n)
     for patches, derivatives, upstream in zip(
         record.head_patches, record.head_derivatives, at_outputs, strict=True
@@ -891,6 +893,6 @@ def jacobian_of(
     record = forward(network, x, track_patches=False)
     gradient, _ = _top(record.output, indices, None, x.new_zeros(x.shape[0]))
     gradient, first_weight = _tail_backward(network, record, gradient, None)
-    rows, _ = _head_backward(network, record, _at_head_output(gradient, first_weight))
+    rows, _ = _head_backward(network, record, gradient, first_weight)
     assert rows is not None
     return rows, record.output
