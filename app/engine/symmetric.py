@@ -25,10 +25,12 @@ from __future__ import annotations
 
 from itertools import pairwise
 
+import numpy as np
 import torch
 
 BLOCKS = 4
 ALIGN = 16  # block bounds on 64-byte (cache line) boundaries for float32
+NUMPY_DTYPES = (torch.float32, torch.float64)
 MIN_SIZE = 512  # below this, one product is faster (measured on 2 CPU cores)
 
 
@@ -40,13 +42,32 @@ def symmetric_matmul(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     if n < MIN_SIZE or left.device.type != "cpu":
         return left @ right
     bounds = [round(i * n / BLOCKS / ALIGN) * ALIGN for i in range(BLOCKS)] + [n]
-    batch = torch.broadcast_shapes(left.shape[:-2], right.shape[:-2])  # type: ignore[no-untyped-call]
-    out = left.new_empty(*batch, n, n)
+    batch = left.shape[:-2]
+    if batch != right.shape[:-2]:
+        batch = torch.broadcast_shapes(batch, right.shape[:-2])  # type: ignore[no-untyped-call]
+    if all(size == 1 for size in batch):  # one matrix: 2-D views dispatch fewer ops
+        left, right = left.reshape(n, -1), right.reshape(-1, n)
+    out = left.new_empty(*(left.shape[:-2] if left.dim() == 2 else batch), n, n)
     for start, stop in pairwise(bounds):
         # Straight into the block (its row stride is a valid BLAS leading dimension),
         # which saves a copy of each block.
         block = out[..., start:stop, start:]
         torch.matmul(left[..., start:stop, :], right[..., :, start:], out=block)
+    _mirror_upper_blocks(out, bounds)
+    return out.reshape(*batch, n, n)
+
+
+def _mirror_upper_blocks(out: torch.Tensor, bounds: list[int]) -> None:
+    """Fill each block column below the diagonal with the transpose of the block row
+    right of it. For one matrix, numpy's strided copy does this in about half the time
+    of torch's ``copy_`` (0.17 vs 0.36 ms for 784 x 784 float32; the whole symmetric
+    product 4% faster, interleaved on 2 CPU cores); ``out`` shares its memory with the
+    array, so nothing is copied back. A batch keeps torch's copy, which uses both
+    cores (numpy's took 5% longer for 8 matrices)."""
+    if out.dim() == 2 and out.dtype in NUMPY_DTYPES:
+        array = out.numpy()
+        for start, stop in pairwise(bounds):
+            np.copyto(array[stop:, start:stop], array[start:stop, stop:].T)
+        return
     for start, stop in pairwise(bounds):
         out[..., stop:, start:stop] = out[..., start:stop, stop:].transpose(-1, -2)
-    return out
