@@ -275,9 +275,15 @@ class Patches:
     ``(stride * (y, x) - offset)``, of size ``size``, over all input channels; ``values``
     holds those local Jacobians, ``[B or 1, C, H, W, C0, rh, rw]``. ``identity`` marks the
     input itself (no layer applied yet), so products with it can be skipped.
+
+    ``values`` is ``base`` times the per-unit factor ``pending`` (``[B or 1, C, H, W]``,
+    or None), multiplied out only when something reads ``values``: the scaling by the
+    last non-linearity's derivative is often never read (the next convolution uses
+    ``factored``, and the patches after the last one are read only when the tail has
+    curvature). Shapes, dtype and device come from ``base`` (its batch dim may be 1).
     """
 
-    values: torch.Tensor
+    base: torch.Tensor
     input_units: tuple[int, int, int]
     stride: tuple[int, int] = (1, 1)
     offset: tuple[int, int] = (0, 0)
@@ -287,8 +293,21 @@ class Patches:
     # ``(kernel, scale or None)`` so the next convolution and this layer's Hessian
     # blocks can use the factors (``_composed_window``, ``_add_blocks``).
     factored: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    pending: torch.Tensor | None = None
     _indices: torch.Tensor | None = field(default=None, repr=False)
     _pairs: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def values(self) -> torch.Tensor:
+        if self.pending is not None:
+            factor = self.pending
+            self.base = self.base * factor.reshape(*factor.shape[:4], 1, 1, 1)
+            self.pending = None
+        return self.base
+
+    @values.setter
+    def values(self, values: torch.Tensor) -> None:
+        self.base, self.pending = values, None
 
     @classmethod
     def of_input(cls, units: tuple[int, int, int], like: torch.Tensor) -> Patches:
@@ -297,26 +316,33 @@ class Patches:
         values = eye.reshape(1, channels, 1, 1, channels, 1, 1).expand(
             1, channels, height, width, channels, 1, 1
         )
-        return cls(values=values, input_units=units)
+        return cls(base=values, input_units=units)
 
     @property
     def units(self) -> tuple[int, int, int]:
-        return (self.values.shape[1], self.values.shape[2], self.values.shape[3])
+        return (self.base.shape[1], self.base.shape[2], self.base.shape[3])
 
     @property
     def patch(self) -> int:
         """K: the number of input entries one unit can depend on."""
-        return int(self.values.shape[4] * self.values.shape[5] * self.values.shape[6])
+        return int(self.base.shape[4] * self.base.shape[5] * self.base.shape[6])
 
     def scaled(self, factor: torch.Tensor) -> Patches:
-        """``diag(factor) J`` for a per-unit factor ``[B or 1, C, H, W]``."""
-        values = self.values * factor.reshape(*factor.shape[:4], 1, 1, 1)
+        """``diag(factor) J`` for a per-unit factor ``[B or 1, C, H, W]`` (applied when
+        ``values`` is read)."""
+        pending = factor if self.pending is None else self.pending * factor
         factored = None
         if self.factored is not None:
             kernel, scale = self.factored
             factored = (kernel, factor if scale is None else scale * factor)
         return Patches(
-            values, self.input_units, self.stride, self.offset, identity=False, factored=factored
+            self.base,
+            self.input_units,
+            self.stride,
+            self.offset,
+            identity=False,
+            factored=factored,
+            pending=pending,
         )
 
     def through_window(self, window: Window) -> Patches:
@@ -368,7 +394,7 @@ class Patches:
     def _grown(self, window: Window) -> tuple[int, int]:
         """The patch extent after ``window``: each tap shifts by this patch's stride."""
         (kh, kw), (Sh, Sw) = window.kernel, self.stride
-        rh, rw = self.values.shape[5], self.values.shape[6]
+        rh, rw = self.base.shape[5], self.base.shape[6]
         return (rh + (kh - 1) * Sh, rw + (kw - 1) * Sw)
 
     def _after(
@@ -394,7 +420,7 @@ class Patches:
         kernel (``1 / taps`` per channel for pooling), zeroed where it covers padding."""
         kh, kw = window.kernel
         channels = self.input_units[0]
-        like = self.values
+        like = self.base
         if window.weight is None:
             eye = torch.eye(channels, dtype=like.dtype, device=like.device) / (kh * kw)
             kernel_values = eye.reshape(channels, channels, 1, 1).expand(-1, -1, kh, kw)
@@ -425,7 +451,7 @@ class Patches:
         grown = self._grown(window)
         composed = _composed_kernel(weight, base, self.stride)
         if scale is None:
-            scale = weight.new_ones(1, channels, *self.values.shape[2:4])
+            scale = weight.new_ones(1, channels, *self.base.shape[2:4])
         mixed = F.conv2d(scale, composed, stride=window.stride, padding=window.padding)
         values = (
             mixed.reshape(-1, weight.shape[0], c0, *grown, *window.out_hw)
@@ -439,9 +465,9 @@ class Patches:
     def block_mask(self) -> torch.Tensor:
         """``inside[p, i] * inside[p, j]`` for every position's ``K x K`` block,
         ``[P, K, K]`` (cached)."""
-        height, width, c0, rh, rw = self.values.shape[2:7]
+        height, width, c0, rh, rw = self.base.shape[2:7]
         key: tuple[object, ...] = ("block", self.input_units, self.stride, self.offset)
-        key += (self.values.shape[2:], self.values.dtype, self.values.device)
+        key += (self.base.shape[2:], self.base.dtype, self.base.device)
         if key not in _INDEX_CACHE:
             if len(_INDEX_CACHE) >= 64:
                 _INDEX_CACHE.clear()
@@ -454,7 +480,7 @@ class Patches:
         """1 where a patch entry lies inside the input, 0 over its zero padding,
         ``[1, 1, oh, ow, 1, rh, rw]`` (cached: it depends on the geometry only)."""
         (oh, ow), (rh, rw) = out_hw, extent
-        like = self.values
+        like = self.base
         key: tuple[object, ...] = ("inside", self.input_units, self.stride, self.offset)
         key += (extent, out_hw, like.dtype, like.device)
         if key not in _INDEX_CACHE:
@@ -468,7 +494,7 @@ class Patches:
     def _inside(self, size: int, extent: int, axis: int) -> torch.Tensor:
         """Whether each (output position, patch offset) along ``axis`` (0: rows, 1:
         columns) falls inside the input rather than on its zero padding, ``[size, extent]``."""
-        device = self.values.device
+        device = self.base.device
         starts = torch.arange(size, device=device) * self.stride[axis] - self.offset[axis]
         coordinate = starts.reshape(-1, 1) + torch.arange(extent, device=device).reshape(1, -1)
         return (coordinate >= 0) & (coordinate < self.input_units[1 + axis])
@@ -481,7 +507,7 @@ class Patches:
         """
         if self._indices is None:
             key: tuple[object, ...] = (self.input_units, self.stride, self.offset)
-            key += (tuple(self.values.shape[1:]), str(self.values.device))
+            key += (tuple(self.base.shape[1:]), str(self.base.device))
             if key not in _INDEX_CACHE:
                 if len(_INDEX_CACHE) >= 64:
                     _INDEX_CACHE.clear()
@@ -505,8 +531,8 @@ class Patches:
 
     def _compute_indices(self) -> torch.Tensor:
         c0, hin, win = self.input_units
-        _, _, height, width, _, rh, rw = self.values.shape
-        device = self.values.device
+        _, _, height, width, _, rh, rw = self.base.shape
+        device = self.base.device
         ys = torch.arange(height, device=device) * self.stride[0] - self.offset[0]
         xs = torch.arange(width, device=device) * self.stride[1] - self.offset[1]
         rows = ys.reshape(-1, 1, 1, 1, 1) + torch.arange(rh, device=device).reshape(1, 1, 1, -1, 1)
@@ -729,7 +755,7 @@ def _pulled_back(patches: Patches, weight: torch.Tensor | None, n: int) -> torch
     back through the head's patch Jacobian onto the input."""
     if patches.identity:
         if weight is None:
-            return torch.eye(n, dtype=patches.values.dtype, device=patches.values.device)[None]
+            return torch.eye(n, dtype=patches.base.dtype, device=patches.base.device)[None]
         return weight.unsqueeze(0)
     values = patches.values
     batch, channels, height, width = values.shape[:4]
@@ -766,9 +792,8 @@ def _add_blocks(
     ``L_p^T diag(c_p) L_p`` over the channels and is scattered into ``H`` at the
     position's input patch.
     """
-    values = patches.values
     batch, scalars = coefficient.shape[:2]
-    channels, height, width = values.shape[1:4]
+    channels, height, width = patches.units
     positions, k = height * width, patches.patch
     if patches.factored is not None:
         # Local Jacobians scale[c, p] * K[c, :] (masked): the blocks are ONE product of
@@ -782,6 +807,7 @@ def _add_blocks(
         blocks = (per_position @ outer).reshape(batch * scalars, positions, k, k)
         blocks = blocks.mul_(patches.block_mask())
     else:
+        values = patches.values
         local = values.reshape(values.shape[0], channels, positions, k)
         weighted = coefficient.reshape(batch, scalars, channels, positions, 1) * local.unsqueeze(1)
         blocks = torch.einsum("bscpi,bcpj->bspij", weighted, local.expand(batch, -1, -1, -1))
