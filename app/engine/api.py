@@ -30,7 +30,6 @@ from app.engine.planner import (
     plan_structured_hessian,
     plan_structured_jacobian,
 )
-from app.engine.structure import Curvature, classify
 
 # "autograd": the per-row torch.autograd loop (app.engine.rowloop), for models that
 # torch.func transforms cannot run (the registry's capability probe picks it).
@@ -69,7 +68,6 @@ class DerivativeResult:
     output: torch.Tensor
     method: str
     plan: Plan
-    curvature: Curvature
     squeeze_scalars: bool
 
     @property
@@ -326,7 +324,7 @@ def compute_hessian(
             matrix, flat_output = _in_chunks(
                 plan.batch_chunk, x, _targets(selection, batch, m, x), structured_chunk
             )
-        return _result(model, matrix, _shaped_output(model, x, flat_output), plan, selection)
+        return _result(matrix, _shaped_output(model, x, flat_output), plan, selection)
     probe = _probe(model, x)
     with torch.no_grad():
         output = model(x)
@@ -344,14 +342,14 @@ def compute_hessian(
     scalars = _scalars_fn(model, selection)
     if method == "autograd":
         matrix = rowloop.hessian(scalars, x, targets)
-        return _result(model, matrix, output, replace(plan, method=ROW_LOOP), selection)
+        return _result(matrix, output, replace(plan, method=ROW_LOOP), selection)
     with torch.no_grad():
         try:
             matrix = _generic_hessian(scalars, x, targets, plan)
         except NotImplementedError:  # an operator without forward-mode AD of its backward
             plan = replace(plan, method="generic:reverse-over-reverse")
             matrix = _generic_hessian(scalars, x, targets, plan)
-    return _result(model, matrix, output, plan, selection)
+    return _result(matrix, output, plan, selection)
 
 
 @_serialized
@@ -397,7 +395,7 @@ def compute_jacobian(
                 matrix, flat_output = _in_chunks(
                     plan.batch_chunk, x, x.new_zeros(batch), structured_chunk
                 )
-            return _result(model, matrix, _shaped_output(model, x, flat_output), plan, selection)
+            return _result(matrix, _shaped_output(model, x, flat_output), plan, selection)
     probe = _probe(model, x)
     m = math.prod(probe.output_shape)
     selection = _select("jacobian", output_index, objective, m, default_all=True)
@@ -414,18 +412,14 @@ def compute_jacobian(
     if method == "autograd":
         matrix, flat_output = rowloop.jacobian(scalars, x, targets)
         plan = replace(plan, method=ROW_LOOP)
-        return _result(
-            model, matrix, flat_output.reshape(batch, *probe.output_shape), plan, selection
-        )
+        return _result(matrix, flat_output.reshape(batch, *probe.output_shape), plan, selection)
     with torch.no_grad():
         if plan.method == "generic:reverse" and selection.indices is not None:
             cotangents = torch.eye(m, dtype=x.dtype, device=x.device)[selection.indices]
             matrix, flat_output = generic.jacobian_of_outputs(
                 lambda sample: model(sample.unsqueeze(0)).reshape(-1), x, cotangents, plan
             )
-            return _result(
-                model, matrix, flat_output.reshape(batch, *probe.output_shape), plan, selection
-            )
+            return _result(matrix, flat_output.reshape(batch, *probe.output_shape), plan, selection)
         try:
             matrix, flat_output = generic.jacobian(scalars, x, targets, plan)
         except NotImplementedError:  # an operator without forward-mode AD
@@ -438,18 +432,17 @@ def compute_jacobian(
                 basis=selection.count,
             )
             matrix, flat_output = generic.jacobian(scalars, x, targets, plan)
-    return _result(model, matrix, flat_output.reshape(batch, *probe.output_shape), plan, selection)
+    return _result(matrix, flat_output.reshape(batch, *probe.output_shape), plan, selection)
 
 
 def _result(
-    model: nn.Module, matrix: torch.Tensor, output: torch.Tensor, plan: Plan, selection: _Selection
+    matrix: torch.Tensor, output: torch.Tensor, plan: Plan, selection: _Selection
 ) -> DerivativeResult:
     return DerivativeResult(
         matrix=matrix,
         output=output,
         method=plan.method,
         plan=plan,
-        curvature=classify(model),
         squeeze_scalars=selection.squeeze,
     )
 
