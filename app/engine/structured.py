@@ -643,7 +643,6 @@ def forward(network: Network, x: torch.Tensor, *, track_patches: bool) -> _Forwa
     patches = Patches.of_input(_canonical(x.shape[1:]), x) if track_patches else None
     for layer in network.head:
         record.head_inputs.append(activation)
-        units = _canonical(activation.shape[1:])
         record.head_patches.append(
             patches if isinstance(layer, ELEMENTWISE) and track_patches else None
         )
@@ -656,6 +655,9 @@ def forward(network: Network, x: torch.Tensor, *, track_patches: bool) -> _Forwa
         )
         record.head_derivatives.append(derivatives)
         if patches is not None:
+            # The units keep their layout through a Flatten: a non-linearity or batch
+            # norm after it scales the same [C, H, W] units, now seen as one vector.
+            units = patches.units
             if derivatives is not None:
                 patches = patches.scaled(derivatives[0].reshape(batch, *units))
             elif isinstance(layer, BATCHNORMS):

@@ -264,6 +264,39 @@ def test_conv1d_avgpool1d_and_a_network_without_tail() -> None:
         assert float((fast.matrix - slow.matrix).abs().max()) <= TOLERANCE
 
 
+def test_non_linearities_and_batch_norm_after_a_flatten_in_the_head() -> None:
+    """Layers between a Flatten and the first Linear scale the same [C, H, W] units, now
+    as one vector; a flat input's own non-linearity and batch norm are one-entry patches
+    (its Hessian term is diagonal)."""
+    torch.manual_seed(12)
+    after_flatten = nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.BatchNorm1d(2 * 4 * 4),
+        nn.Softplus(),
+        nn.Linear(2 * 4 * 4, 3),
+        nn.Tanh(),
+        nn.Linear(3, 3),
+    )
+    flat_input = nn.Sequential(
+        nn.BatchNorm1d(5), nn.GELU(), nn.Linear(5, 4), nn.Sigmoid(), nn.Linear(4, 3)
+    )
+    for model, shape in ((after_flatten, (2, 1, 6, 6)), (flat_input, (2, 5))):
+        for layer in model:
+            if isinstance(layer, nn.BatchNorm1d):
+                layer.running_mean.uniform_(-1.0, 1.0)
+                layer.running_var.uniform_(0.5, 2.0)
+        model = model.double().eval().requires_grad_(False)
+        x = torch.randn(*shape, dtype=torch.float64)
+        for objective in objectives():
+            assert_paths_agree(model, x, objective)
+        jacobian = engine.compute_jacobian(model, x)
+        reference = engine.compute_jacobian(model, x, method="generic")
+        assert jacobian.method == "structured"
+        assert float((jacobian.matrix - reference.matrix).abs().max()) <= TOLERANCE
+
+
 def test_pooling_first_and_padded_pooling_between_convolutions() -> None:
     """A pool straight on the input (the first window) and a padded pool over patches."""
     torch.manual_seed(10)
