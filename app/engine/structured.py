@@ -201,9 +201,14 @@ def _batchnorm_scale(layer: nn.Module, units: tuple[int, int, int]) -> torch.Ten
 
 
 def _canonical(shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
-    """A per-sample shape as units [C, H, W]: [n] -> [n, 1, 1], [C, L] -> [C, 1, L]."""
+    """A per-sample shape as units [C, H, W]: [n] -> [1, 1, n], [C, L] -> [C, 1, L].
+
+    A flat input is one channel of ``n`` positions, so its identity patches are ``n``
+    one-entry patches rather than one ``n x n`` identity: nothing of size ``n^2`` is built
+    per call, and a non-linearity before the first Linear has ``1 x 1`` Hessian blocks
+    (its diagonal) instead of one dense ``n x n`` block."""
     if len(shape) == 1:
-        return (shape[0], 1, 1)
+        return (1, 1, shape[0])
     if len(shape) == 2:
         return (shape[0], 1, shape[1])
     if len(shape) == 3:
