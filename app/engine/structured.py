@@ -55,6 +55,14 @@ ELEMENTWISE: tuple[type[nn.Module], ...] = (
 PASS_THROUGH: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout)
 BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 SPATIAL: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.AvgPool1d, nn.AvgPool2d)
+SUPPORTED: tuple[type[nn.Module], ...] = (
+    *ELEMENTWISE,
+    *PASS_THROUGH,
+    *BATCHNORMS,
+    *SPATIAL,
+    nn.Flatten,
+    nn.Linear,
+)
 
 # Up to this many rows of the first Linear are pulled back through the head by
 # broadcasting; more go through einsum's batched matmul (measured on 2 CPU cores).
@@ -73,9 +81,44 @@ class Network:
 
 
 def _leaves(model: nn.Module) -> list[nn.Module]:
-    if isinstance(model, nn.Sequential):
+    """The layers of nested plain ``nn.Sequential`` containers, in order; any other
+    module (a Sequential subclass with its own forward, as a residual block, included)
+    is one leaf."""
+    if isinstance(model, nn.Sequential) and _computes_as_its_class(model, nn.Sequential):
         return [leaf for child in model for leaf in _leaves(child)]
     return [model]
+
+
+def _computes_as_its_class(module: nn.Module, base: type[nn.Module]) -> bool:
+    """True when ``module`` computes exactly what torch's ``base`` does: no ``forward``
+    of its own in a subclass and no forward hooks. The structured path uses each layer's
+    known math (its weight, its closed-form derivatives), so anything that changes the
+    forward would make its result differ from the model's own, silently."""
+    return _unhooked(module) and type(module).forward is base.forward
+
+
+def _unhooked(module: nn.Module) -> bool:
+    return not (module._forward_hooks or module._forward_pre_hooks)
+
+
+_SUPPORTED_TYPES: dict[type[nn.Module], bool] = {}
+
+
+def _supported_type(kind: type[nn.Module]) -> bool:
+    """A supported layer class, or a subclass that keeps its forward (cached per class)."""
+    if kind not in _SUPPORTED_TYPES:
+        base = next((supported for supported in SUPPORTED if issubclass(kind, supported)), None)
+        _SUPPORTED_TYPES[kind] = base is not None and kind.forward is base.forward
+    return _SUPPORTED_TYPES[kind]
+
+
+def _global_forward_hooks() -> bool:
+    """Whether forward hooks registered for every module are in force."""
+    registry = nn.modules.module
+    return bool(
+        getattr(registry, "_global_forward_hooks", None)
+        or getattr(registry, "_global_forward_pre_hooks", None)
+    )
 
 
 def _pair(value: int | tuple[int, ...] | str) -> tuple[int, int] | None:
@@ -112,9 +155,14 @@ def parse(model: nn.Module, sample_shape: tuple[int, ...]) -> Network | None:
 
     Supported: (nested) ``nn.Sequential`` in eval mode of Conv1d/Conv2d (zero padding, no
     groups or dilation), AvgPool1d/2d, BatchNorm1d/2d, Flatten, Linear, Identity, Dropout
-    and elementwise non-linearities, where every Linear sees a flat per-sample vector.
+    and elementwise non-linearities, where every Linear sees a flat per-sample vector;
+    each computing what its torch class does (no overridden forward, no forward hooks).
     """
     layers = _leaves(model)
+    if _global_forward_hooks():
+        return None
+    if not all(_supported_type(type(layer)) and _unhooked(layer) for layer in layers):
+        return None
     first_linear = next(
         (i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear)), len(layers)
     )

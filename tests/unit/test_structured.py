@@ -120,6 +120,59 @@ def test_unsupported_networks_fall_back_to_the_generic_path() -> None:
         engine.hessian(conv, torch.randn(1, 1, 4, 4), output_index=0, method="structured")
 
 
+def _autograd_hessians(model: nn.Module, x: torch.Tensor, index: int) -> torch.Tensor:
+    """Each sample's input Hessian of one output by torch.autograd.functional."""
+
+    def output(sample: torch.Tensor) -> torch.Tensor:
+        return model(sample.unsqueeze(0))[0, index]
+
+    return torch.stack([torch.autograd.functional.hessian(output, row) for row in x])
+
+
+class _DoubledLinear(nn.Linear):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(input)
+
+
+class _Residual(nn.Sequential):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input + super().forward(input)
+
+
+class _PlainTanhSubclass(nn.Tanh):
+    """A subclass that keeps torch's forward: the structured path still applies."""
+
+
+def test_layers_that_do_not_compute_as_their_class_take_the_generic_path() -> None:
+    """An overridden forward (in a layer or a Sequential subclass) or a forward hook
+    changes what the model computes, which the structured path, built on each layer's
+    known math, would miss; such networks run on the generic path and match autograd."""
+    torch.manual_seed(13)
+    hooked = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    hooked[1].register_forward_hook(lambda _module, _inputs, output: 3 * output)
+    pre_hooked = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 2))
+    pre_hooked.register_forward_pre_hook(lambda _module, inputs: (inputs[0] ** 2,))
+    changed = [
+        nn.Sequential(_DoubledLinear(4, 4), nn.Tanh(), nn.Linear(4, 2)),
+        nn.Sequential(nn.Linear(4, 4), nn.Tanh(), _Residual(nn.Linear(4, 4), nn.Tanh())),
+        hooked,
+        pre_hooked,
+    ]
+    x = torch.randn(2, 4, dtype=torch.float64)
+    for model in changed:
+        model = model.double().eval().requires_grad_(False)
+        assert parse(model, (4,)) is None
+        result = engine.compute_hessian(model, x, output_index=1)
+        assert result.method.startswith("generic")
+        torch.testing.assert_close(
+            result.selected, _autograd_hessians(model, x, 1), rtol=1e-10, atol=1e-12
+        )
+    plain = nn.Sequential(nn.Linear(4, 4), _PlainTanhSubclass(), nn.Linear(4, 3))
+    plain = plain.double().eval().requires_grad_(False)
+    assert parse(plain, (4,)) is not None
+    assert_paths_agree(plain, x, None)
+
+
 def test_batch_chunks_under_a_small_budget_give_the_same_result() -> None:
     torch.manual_seed(1)
     model = network(8, [6, 5], nn.Tanh, batchnorm=False)
