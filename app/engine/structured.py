@@ -93,7 +93,11 @@ def _computes_as_its_class(module: nn.Module, base: type[nn.Module]) -> bool:
     """True when ``module`` computes exactly what torch's ``base`` does: no ``forward``
     of its own in a subclass and no forward hooks. The structured path uses each layer's
     known math (its weight, its closed-form derivatives), so anything that changes the
-    forward would make its result differ from the model's own, silently."""
+    forward would make its result differ from the model's own, silently.
+
+    Hooks registered for every module at once are not checked: tools that observe
+    modules install them (``FlopCounterMode``'s module tracker does), and refusing the
+    structured path under them would measure another method."""
     return _unhooked(module) and type(module).forward is base.forward
 
 
@@ -110,15 +114,6 @@ def _supported_type(kind: type[nn.Module]) -> bool:
         base = next((supported for supported in SUPPORTED if issubclass(kind, supported)), None)
         _SUPPORTED_TYPES[kind] = base is not None and kind.forward is base.forward
     return _SUPPORTED_TYPES[kind]
-
-
-def _global_forward_hooks() -> bool:
-    """Whether forward hooks registered for every module are in force."""
-    registry = nn.modules.module
-    return bool(
-        getattr(registry, "_global_forward_hooks", None)
-        or getattr(registry, "_global_forward_pre_hooks", None)
-    )
 
 
 def _pair(value: int | tuple[int, ...] | str) -> tuple[int, int] | None:
@@ -159,8 +154,6 @@ def parse(model: nn.Module, sample_shape: tuple[int, ...]) -> Network | None:
     each computing what its torch class does (no overridden forward, no forward hooks).
     """
     layers = _leaves(model)
-    if _global_forward_hooks():
-        return None
     if not all(_supported_type(type(layer)) and _unhooked(layer) for layer in layers):
         return None
     first_linear = next(
@@ -190,13 +183,17 @@ def parse(model: nn.Module, sample_shape: tuple[int, ...]) -> Network | None:
     return Network(layers[:first_linear], layers[first_linear:])
 
 
-def _run(layer: nn.Module, activation: torch.Tensor) -> torch.Tensor:
+def _run(layer: nn.Module, activation: torch.Tensor, *, observed: bool = True) -> torch.Tensor:
     """``layer(activation)``, leaving ``activation`` as it was: an in-place activation
     (``nn.ReLU(inplace=True)``, ``nn.ELU(inplace=True)``, ...) would overwrite the
-    pre-activation its derivatives are taken at, or a leaf that autograd needs."""
-    output: torch.Tensor = layer(
-        activation.clone() if getattr(layer, "inplace", False) else activation
-    )
+    pre-activation its derivatives are taken at, or a leaf that autograd needs.
+
+    ``observed=False`` calls ``forward`` itself, past module-wide hooks, for the
+    engine's own derivative probes: the layers have no hooks of their own (``parse``),
+    and an observing tool's hooks (``FlopCounterMode``'s module tracker) would count the
+    probe and break its ``autograd.grad``."""
+    source = activation.clone() if getattr(layer, "inplace", False) else activation
+    output: torch.Tensor = layer(source) if observed else layer.forward(source)
     return output
 
 
@@ -227,7 +224,8 @@ def elementwise_derivatives(
         return (z > 0).to(z.dtype), None
     with torch.enable_grad():
         at = z.detach().requires_grad_(True)
-        (first,) = torch.autograd.grad(_run(layer, at).sum(), at, create_graph=True)
+        probe = _run(layer, at, observed=False)
+        (first,) = torch.autograd.grad(probe.sum(), at, create_graph=True)
         if not first.requires_grad:  # piecewise linear: no second derivative
             return first.detach(), None
         (second,) = torch.autograd.grad(first.sum(), at, allow_unused=True)

@@ -13,6 +13,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from app import engine
 from app.engine import Objective
@@ -171,6 +172,12 @@ def test_layers_that_do_not_compute_as_their_class_take_the_generic_path() -> No
     plain = plain.double().eval().requires_grad_(False)
     assert parse(plain, (4,)) is not None
     assert_paths_agree(plain, x, None)
+    # Module-wide hooks of observing tools (FlopCounterMode tracks modules with them)
+    # leave the structured path in place.
+    with FlopCounterMode(display=False) as counter:
+        observed = engine.compute_hessian(plain, x, output_index=1)
+    assert observed.method == "structured"
+    assert counter.get_total_flops() > 0
 
 
 def test_batch_chunks_under_a_small_budget_give_the_same_result() -> None:
