@@ -53,21 +53,44 @@ class Curvature(str, Enum):
     GENERAL = "general"  # anything else: compute it
 
 
+# (class, kinds) -> whether the class is one of the kinds and keeps that kind's forward.
+_KEEPS_FORWARD: dict[tuple[type[nn.Module], tuple[type[nn.Module], ...]], bool] = {}
+
+
+def computes_as(module: nn.Module, kinds: tuple[type[nn.Module], ...]) -> bool:
+    """True when ``module`` is one of torch's ``kinds`` and computes exactly what that
+    class does: a subclass that keeps its ``forward``, with no forward hooks of its own.
+
+    What the engine knows about a module's math (a Linear's weight, a closed-form
+    derivative, "affine") holds only then: an overridden forward or a hook that changes
+    the output makes any such claim wrong, silently. Hooks registered for every module
+    at once are not checked: tools that observe modules install them
+    (``FlopCounterMode``'s module tracker does).
+    """
+    if module._forward_hooks or module._forward_pre_hooks:
+        return False
+    key = (type(module), kinds)
+    if key not in _KEEPS_FORWARD:
+        base = next((kind for kind in kinds if isinstance(module, kind)), None)
+        _KEEPS_FORWARD[key] = base is not None and type(module).forward is base.forward
+    return _KEEPS_FORWARD[key]
+
+
 def classify(model: nn.Module) -> Curvature:
     """Classify a network from its module types.
 
-    Only networks made entirely of known container, affine and piecewise-linear modules
-    (and that define no ``forward`` of their own besides those containers) are classed as
-    affine or piecewise linear; any other module makes the answer ``GENERAL``, because its
-    forward could do anything.
+    Only networks made entirely of known container, affine and piecewise-linear modules,
+    each computing what its torch class does (``computes_as``), are classed as affine or
+    piecewise linear; any other module makes the answer ``GENERAL``, because its forward
+    could do anything.
     """
     piecewise = False
     for module in model.modules():
-        if type(module) in CONTAINERS:
+        if computes_as(module, CONTAINERS):
             continue
-        if isinstance(module, AFFINE_MODULES):
+        if computes_as(module, AFFINE_MODULES):
             continue
-        if isinstance(module, PIECEWISE_LINEAR_MODULES):
+        if computes_as(module, PIECEWISE_LINEAR_MODULES):
             piecewise = True
             continue
         return Curvature.GENERAL

@@ -38,6 +38,7 @@ from torch.func import grad, hessian, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.weak import WeakIdKeyDictionary
 
+from app.engine.structure import computes_as
 from app.engine.symmetric import symmetric_matmul
 
 ELEMENTWISE: tuple[type[nn.Module], ...] = (
@@ -84,36 +85,9 @@ def _leaves(model: nn.Module) -> list[nn.Module]:
     """The layers of nested plain ``nn.Sequential`` containers, in order; any other
     module (a Sequential subclass with its own forward, as a residual block, included)
     is one leaf."""
-    if isinstance(model, nn.Sequential) and _computes_as_its_class(model, nn.Sequential):
+    if isinstance(model, nn.Sequential) and computes_as(model, (nn.Sequential,)):
         return [leaf for child in model for leaf in _leaves(child)]
     return [model]
-
-
-def _computes_as_its_class(module: nn.Module, base: type[nn.Module]) -> bool:
-    """True when ``module`` computes exactly what torch's ``base`` does: no ``forward``
-    of its own in a subclass and no forward hooks. The structured path uses each layer's
-    known math (its weight, its closed-form derivatives), so anything that changes the
-    forward would make its result differ from the model's own, silently.
-
-    Hooks registered for every module at once are not checked: tools that observe
-    modules install them (``FlopCounterMode``'s module tracker does), and refusing the
-    structured path under them would measure another method."""
-    return _unhooked(module) and type(module).forward is base.forward
-
-
-def _unhooked(module: nn.Module) -> bool:
-    return not (module._forward_hooks or module._forward_pre_hooks)
-
-
-_SUPPORTED_TYPES: dict[type[nn.Module], bool] = {}
-
-
-def _supported_type(kind: type[nn.Module]) -> bool:
-    """A supported layer class, or a subclass that keeps its forward (cached per class)."""
-    if kind not in _SUPPORTED_TYPES:
-        base = next((supported for supported in SUPPORTED if issubclass(kind, supported)), None)
-        _SUPPORTED_TYPES[kind] = base is not None and kind.forward is base.forward
-    return _SUPPORTED_TYPES[kind]
 
 
 def _pair(value: int | tuple[int, ...] | str) -> tuple[int, int] | None:
@@ -154,7 +128,7 @@ def parse(model: nn.Module, sample_shape: tuple[int, ...]) -> Network | None:
     each computing what its torch class does (no overridden forward, no forward hooks).
     """
     layers = _leaves(model)
-    if not all(_supported_type(type(layer)) and _unhooked(layer) for layer in layers):
+    if not all(computes_as(layer, SUPPORTED) for layer in layers):
         return None
     first_linear = next(
         (i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear)), len(layers)
@@ -189,7 +163,8 @@ def _run(layer: nn.Module, activation: torch.Tensor, *, observed: bool = True) -
     pre-activation its derivatives are taken at, or a leaf that autograd needs.
 
     ``observed=False`` calls ``forward`` itself, past module-wide hooks, for the
-    engine's own derivative probes: the layers have no hooks of their own (``parse``),
+    engine's own derivative probes: the layers have no hooks of their own (``parse``
+    takes only layers that ``computes_as`` their class),
     and an observing tool's hooks (``FlopCounterMode``'s module tracker) would count the
     probe and break its ``autograd.grad``."""
     source = activation.clone() if getattr(layer, "inplace", False) else activation

@@ -234,6 +234,26 @@ def test_structure_classification() -> None:
     assert classify(Quadratic(4)) is Curvature.GENERAL
 
 
+class _TanhLinear(nn.Linear):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(super().forward(input))
+
+
+class _KeepsReLU(nn.ReLU):
+    """A subclass that keeps torch's forward."""
+
+
+def test_classification_trusts_only_modules_that_compute_as_their_class() -> None:
+    """A Linear subclass with its own forward, or a hook that squares a Linear's output,
+    is not affine whatever its class says; a subclass that keeps the forward still counts."""
+    assert classify(nn.Sequential(_TanhLinear(3, 3), nn.Linear(3, 1))) is Curvature.GENERAL
+    hooked = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    hooked[0].register_forward_hook(lambda _module, _inputs, output: output * output)
+    assert classify(hooked) is Curvature.GENERAL
+    kept = nn.Sequential(nn.Linear(3, 3), _KeepsReLU(), nn.Linear(3, 1))
+    assert classify(kept) is Curvature.PIECEWISE_LINEAR
+
+
 def test_relu_network_hessian_is_zero_but_its_loss_hessian_is_not() -> None:
     torch.manual_seed(5)
     model = (
