@@ -7,7 +7,8 @@ only from the diagonal rightwards does ``(k + 1) / 2k`` of the flops of one prod
 CPU a 784 x 256 x 784 product took 9-18% less time this way in interleaved runs on one
 day, and on a busier day the whole mlp_tanh Hessian took the same time either way
 (within 8%, either side): smaller products run further from peak under load, and the
-mirror is a slow transposed copy. Block bounds sit on multiples of ``ALIGN`` rows, so
+mirror is a transposed copy (torch's is slow; numpy's, used for one matrix, about twice
+as fast). Block bounds sit on multiples of ``ALIGN`` rows, so
 each block's rows and columns start on a cache line: one mlp_tanh Hessian took 3-7% less
 time than with bounds at ``i * n / 4`` (784: 192/384/592 instead of 196/392/588),
 interleaved in one process; 8- and 32-row alignment gained less. Below ``MIN_SIZE``
@@ -45,9 +46,10 @@ def symmetric_matmul(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     batch = left.shape[:-2]
     if batch != right.shape[:-2]:
         batch = torch.broadcast_shapes(batch, right.shape[:-2])  # type: ignore[no-untyped-call]
-    if all(size == 1 for size in batch):  # one matrix: 2-D views dispatch fewer ops
+    single = all(size == 1 for size in batch)
+    if single:  # one matrix: 2-D views dispatch fewer ops, and numpy can mirror them
         left, right = left.reshape(n, -1), right.reshape(-1, n)
-    out = left.new_empty(*(left.shape[:-2] if left.dim() == 2 else batch), n, n)
+    out = left.new_empty(n, n) if single else left.new_empty(*batch, n, n)
     for start, stop in pairwise(bounds):
         # Straight into the block (its row stride is a valid BLAS leading dimension),
         # which saves a copy of each block.
