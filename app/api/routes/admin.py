@@ -76,6 +76,8 @@ _MULTIPART = {
                 "schema": {
                     "type": "object",
                     "required": ["manifest", "file"],
+                    # The form is read with max_fields=1, max_files=1: other parts are refused.
+                    "additionalProperties": False,
                     "properties": {
                         "manifest": {
                             "type": "string",
