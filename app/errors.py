@@ -107,13 +107,22 @@ def status_of(error: ServiceError) -> int:
     return 500
 
 
-def problem(status: int, title: str, detail: str, **extra: Any) -> dict[str, Any]:
-    """An RFC 9457 problem-details body."""
+def problem(
+    status: int, title: str, detail: str, *, field: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """An RFC 9457 problem-details body (``app.schemas.Problem`` documents it).
+
+    ``field`` is always present: the request field at fault (``inputs[0].data``,
+    ``model``, ``body``, ``path``, ``method``...), or null where no part of the request
+    is (the server is overloaded, not ready, out of time). Other extras are left out
+    when None.
+    """
     body: dict[str, Any] = {
         "type": "about:blank",  # RFC 9457: the title says it all
         "title": title,
         "status": status,
         "detail": detail,
+        "field": field,
     }
     body.update({key: value for key, value in extra.items() if value is not None})
     return body

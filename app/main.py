@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -23,6 +23,7 @@ from app import codec
 from app.api.routes import admin, derivatives, health, metrics, models, v2
 from app.config import Settings
 from app.errors import PROBLEM_CONTENT_TYPE, ServiceError, problem, problem_of, status_of
+from app.fields import field_name
 from app.metrics import Metrics, ObservabilityMiddleware, configure_access_log
 from app.middleware import BodySizeLimit
 from app.registry import Registry, resolve_device
@@ -50,25 +51,58 @@ def _problem_response(
     )
 
 
-def _field(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p != "body"]
-    text = ""
-    for part in parts:
-        text += f"[{part}]" if part.isdigit() else (f".{part}" if text else part)
-    return text or "body"
-
-
-def _validation_error(error: dict[str, Any]) -> dict[str, str]:
+def _validation_error(error: dict[str, Any], body: Any) -> dict[str, str]:
     loc = tuple(error.get("loc", ()))
     if error.get("type") == "json_invalid":  # loc is ("body", <character offset>)
         reason = error.get("ctx", {}).get("error", "")
         offset = loc[1] if len(loc) > 1 else "?"
         return {"field": "body", "message": f"invalid JSON at character {offset}: {reason}"}
-    return {"field": _field(loc), "message": error.get("msg", "")}
+    return {"field": field_name(loc, body), "message": error.get("msg", "")}
+
+
+def is_oip_path(path: str) -> bool:
+    """Open Inference Protocol paths: their errors are ``{"error": ...}``, not problem+json."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def _matches(template: str, path: str) -> bool:
+    """``/models/{name}`` matches ``/models/quadratic4``: segment by segment, a
+    ``{parameter}`` standing for any non-empty segment."""
+    want, got = template.split("/"), path.split("/")
+    return len(want) == len(got) and all(
+        w == g or (w.startswith("{") and w.endswith("}") and g != "")
+        for w, g in zip(want, got, strict=True)
+    )
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method the API serves at this path, from the OpenAPI document's paths:
+    Starlette's 405 lists only the first route that matched the path (``GET`` for
+    ``/models``, though ``POST`` is served too)."""
+    paths: dict[str, dict[str, Any]] = request.app.openapi().get("paths", {})
+    methods: set[str] = set()
+    for template, operations in paths.items():
+        if _matches(template, request.url.path):
+            methods |= {method.upper() for method in operations}
+    return ", ".join(sorted(methods))
+
+
+def _http_error_text(request: Request, exc: StarletteHTTPException) -> tuple[str, str | None]:
+    """What an HTTP-level error (no route, wrong method, unreadable body) says, and its field."""
+    method, path = request.method, request.url.path
+    if exc.status_code == 404:
+        return f"no route {method} {path}; the routes are listed at /docs", "path"
+    if exc.status_code == 405:
+        allowed = _allowed_methods(request) or (exc.headers or {}).get("Allow", "")
+        return f"{method} is not allowed on {path}; allowed: {allowed}", "method"
+    if exc.status_code == 400:
+        return f"body: {exc.detail}", "body"
+    return str(exc.detail), None
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """One handler per error family, all answering RFC 9457 problem+json."""
+    """One handler per error family, all answering RFC 9457 problem+json (``/v2`` paths
+    that no route matched: the protocol's ``{"error": ...}``)."""
 
     @app.exception_handler(ServiceError)
     async def service_error(_request: Request, exc: ServiceError) -> Response:
@@ -76,21 +110,34 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
-        errors = [_validation_error(e) for e in exc.errors()]
+        errors = [_validation_error(e, exc.body) for e in exc.errors()]
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
-        return _problem_response(422, problem(422, "Invalid input", detail, errors=errors))
+        field = errors[0]["field"] if errors else "body"
+        return _problem_response(
+            422, problem(422, "Invalid input", detail, field=field, errors=errors)
+        )
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
-        title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
-        return _problem_response(exc.status_code, problem(exc.status_code, title, str(exc.detail)))
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # A 405 must say what is allowed (RFC 9110 15.5.6): Starlette's Allow, completed.
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
+        detail, field = _http_error_text(request, exc)
+        if is_oip_path(request.url.path):
+            return JSONResponse({"error": detail}, status_code=exc.status_code, headers=headers)
+        title = {400: "Bad request", 404: "Not found", 405: "Method not allowed"}.get(
+            exc.status_code, "HTTP error"
+        )
+        body = problem(exc.status_code, title, detail, field=field)
+        return _problem_response(exc.status_code, body, headers)
 
     @app.exception_handler(torch.OutOfMemoryError)
-    async def out_of_memory(_request: Request, exc: torch.OutOfMemoryError) -> Response:
-        return _problem_response(
-            503,
-            problem(503, "Overloaded", "the device ran out of memory; retry with a smaller batch"),
-        )
+    async def out_of_memory(request: Request, exc: torch.OutOfMemoryError) -> Response:
+        detail = "the device ran out of memory; retry with a smaller batch"
+        if is_oip_path(request.url.path):
+            return JSONResponse({"error": detail}, status_code=503)
+        return _problem_response(503, problem(503, "Overloaded", detail))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
