@@ -10,7 +10,7 @@ TORCH_VERSION := 2.13.0
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 1000000000000
 
-.PHONY: setup setup-dev serve test lint pytest bench bench-load browser clean
+.PHONY: setup setup-dev serve test lint pytest bench bench-load soak browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ bench: setup-dev
 # 32 concurrent clients of single-sample requests, dynamic batching on vs off (bench/load.py).
 bench-load: setup-dev
 	$(PY) -m bench.load $(LOAD_ARGS)
+
+# 32 clients, 10,000 mixed requests (kinds, models, encodings, batches), answers checked, the
+# server's RSS sampled every 1,000 (bench/soak.py); e.g. SOAK_ARGS="--requests 40000".
+soak: setup-dev
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from hessian_client.local_server import local_server
+from hessian_client.local_server import local_server_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,7 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def server(**settings: str) -> Iterator[str]:
     """``uvicorn app.main:app`` on 127.0.0.1 with HESSIAN_* ``settings`` (ready in 60 s),
     on the CPU and without access logs, which would be timed with the requests."""
+    with server_process(**settings) as (url, _process):
+        yield url
+
+
+@contextmanager
+def server_process(**settings: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``server``, yielding the server's process too (for its memory in ``/proc``)."""
     quiet = {"HESSIAN_DEVICE": "cpu", "HESSIAN_ACCESS_LOG": "false", **settings}
     options = ("--no-access-log", "--log-level", "warning")
-    with local_server(quiet, uvicorn_options=options, cwd=ROOT) as url:
-        yield url
+    with local_server_process(quiet, uvicorn_options=options, cwd=ROOT) as started:
+        yield started

@@ -85,6 +85,22 @@ def local_server(
     ready within ``ready_timeout_s``. ``cwd`` is the server's working directory (this
     process's by default).
     """
+    with local_server_process(
+        settings, uvicorn_options=uvicorn_options, ready_timeout_s=ready_timeout_s, cwd=cwd
+    ) as (url, _process):
+        yield url
+
+
+@contextmanager
+def local_server_process(
+    settings: Mapping[str, str] | None = None,
+    *,
+    uvicorn_options: Sequence[str] = ("--no-access-log",),
+    ready_timeout_s: float = 60.0,
+    cwd: Path | None = None,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``local_server``, yielding the server's process too (the soak reads its memory
+    from ``/proc/<pid>``)."""
     port = free_port()
     url = f"http://{LOCALHOST}:{port}"
     with tempfile.TemporaryFile() as stderr:
@@ -120,6 +136,6 @@ def local_server(
                             f"the server at {url} was not ready after {ready_timeout_s:.0f} s"
                         )
                     time.sleep(0.1)
-            yield url
+            yield url, process
         finally:
             _stop(process)
