@@ -8,12 +8,20 @@ TorchScript and torch.export archives carry code and pickles: every file is chec
 ``app.archives.check_model_file`` first, so a pickle naming anything but tensor-rebuilding
 globals is refused before a loader touches it. A model exported with a fixed batch of one
 is wrapped so that it takes any batch (one sample at a time).
+
+Defence in depth: ``torch.export.load`` reads sample inputs and pickled payloads with
+``torch.load``, and retries with ``weights_only=False`` when the safe load fails. torch's
+own switch ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` makes every ``torch.load`` in the process
+weights-only, whatever its call site asks for, so that retry can never unpickle code even
+if a payload got past the scanner. This module sets it when imported, and every load
+checks it is still set.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 from pathlib import Path
 
 import torch
@@ -22,6 +30,19 @@ from torch import nn
 
 from app import zoo
 from app.archives import Format, check_model_file
+
+WEIGHTS_ONLY_SWITCH = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+UNSAFE_SWITCH = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+def force_weights_only_loads() -> None:
+    """Make every ``torch.load`` of this process weights-only (torch reads the switch on
+    each call), and drop the opposite switch, which would otherwise make torch refuse."""
+    os.environ[WEIGHTS_ONLY_SWITCH] = "1"
+    os.environ.pop(UNSAFE_SWITCH, None)
+
+
+force_weights_only_loads()
 
 DEFAULT_FILES: dict[str, str] = {
     "zoo": "weights.safetensors",
@@ -78,6 +99,14 @@ def load_module(
 ) -> nn.Module:
     """Check ``path`` (``UnsafeModelFile`` when refused), then load it as ``fmt``."""
     check_model_file(path, fmt, max_unpacked_bytes=max_unpacked_bytes)
+    return load_checked_module(path, fmt, architecture=architecture)
+
+
+def load_checked_module(path: Path, fmt: Format, *, architecture: str | None) -> nn.Module:
+    """Load ``path`` as ``fmt``, trusting that ``check_model_file`` passed it; torch.load
+    stays weights-only all the same."""
+    if os.environ.get(WEIGHTS_ONLY_SWITCH) != "1" or UNSAFE_SWITCH in os.environ:
+        force_weights_only_loads()
     if fmt == "zoo":
         return _load_zoo(path, architecture)
     if fmt == "torchscript":

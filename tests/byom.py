@@ -7,6 +7,7 @@ the TorchScript or torch.export archives built below.
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import zipfile
@@ -136,3 +137,43 @@ class Float32Only(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.mm(torch.tanh(x), torch.ones(4, 2))
+
+
+def legacy_torch_save(marker: Path) -> bytes:
+    """A legacy ``torch.save`` stream: several pickles back to back (magic number,
+    protocol, system info, then the object, which holds the payload), then raw storage.
+    A scanner that stops at the first STOP sees only the magic number."""
+    buffer = io.BytesIO()
+    torch.save(
+        {"x": torch.ones(2), "evil": Payload(marker)}, buffer, _use_new_zipfile_serialization=False
+    )
+    return buffer.getvalue()
+
+
+def with_entry_appended(archive: bytes, suffix: str, extra: bytes) -> bytes:
+    """``archive`` with ``extra`` appended to the entry whose name ends in ``suffix``."""
+    with zipfile.ZipFile(io.BytesIO(archive)) as source:
+        name = next(n for n in source.namelist() if n.endswith(suffix))
+        return with_entry_replaced(archive, suffix, source.read(name) + extra)
+
+
+def with_entry_added(archive: bytes, relative: str, data: bytes) -> bytes:
+    """``archive`` with a new entry ``<root>/<relative>`` holding ``data``."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(archive)) as source, zipfile.ZipFile(out, "w") as target:
+        root = source.namelist()[0].split("/", 1)[0]
+        for info in source.infolist():
+            target.writestr(info, source.read(info))
+        target.writestr(f"{root}/{relative}", data)
+    return out.getvalue()
+
+
+def payload_constant_export(marker: Path) -> bytes:
+    """A real torch.export archive whose constants config names an opaque object, which
+    ``torch.export.load`` would read with plain ``pickle.loads``."""
+    exported = export_bytes(seeded(SoftMLP()), torch.randn(2, 6), dynamic_batch=True)
+    config = {"config": {"evil": {"path_name": "opaque_obj_0", "is_param": False}}}
+    with_config = with_entry_replaced(
+        exported, "constants/model_constants_config.json", json.dumps(config).encode()
+    )
+    return with_entry_added(with_config, "data/constants/opaque_obj_0", raw_pickle(marker))
