@@ -21,6 +21,11 @@ class Settings(BaseSettings):
         "auto", description="Where models run: auto picks CUDA when it is available."
     )
     models_dir: Path = Field(BUNDLED_MODELS_DIR, description="Folder of model folders.")
+    ready_requires: Literal["any", "all"] = Field(
+        "any",
+        description="What /health/ready (and /v2/health/ready) needs to answer 200: any: "
+        "at least one model can serve; all: every model folder found loaded, none failed.",
+    )
     max_body_bytes: int = Field(64 * MiB, gt=0, description="Largest request body accepted.")
     max_result_bytes: int = Field(
         512 * MiB, gt=0, description="Largest result (all matrices of one request) computed."

@@ -20,6 +20,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import codec
+from app.api.responses import install_problem_schemas
 from app.api.routes import admin, derivatives, health, metrics, models, v2
 from app.config import Settings
 from app.errors import PROBLEM_CONTENT_TYPE, ServiceError, problem, problem_of, status_of
@@ -188,6 +189,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     app.include_router(metrics.router)
     install_error_handlers(app)
+    install_problem_schemas(app)
     app.add_middleware(
         BodySizeLimit,
         limit=settings.max_body_bytes,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.schemas import Count
 
 INPUT_NAME = "x"
 OUTPUT_NAME = "output"
@@ -24,7 +26,7 @@ class InferInput(_Strict):
     """``$request_input``: one input tensor."""
 
     name: str = Field(..., max_length=128, description=f"The model's input: {INPUT_NAME!r}.")
-    shape: list[NonNegativeInt] = Field(
+    shape: list[Count] = Field(
         ..., max_length=16, description="[B, *input_shape]: a batch, as the metadata says."
     )
     datatype: str = Field(..., max_length=16, description="FP32, FP64, FP16 or BF16.")

@@ -33,12 +33,10 @@ from app.capabilities import Capabilities, probe
 from app.engine import Curvature
 from app.errors import Conflict, InvalidInput, NotFound, NotReady
 from app.loaders import DEFAULT_FILES, OneSampleAtATime, accepts_batches, freeze, load_module
+from app.names import FILE_PATTERN, NAME_PATTERN, VERSION_PATTERN
 
 logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$"
-FILE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_MAX_UNPACKED_BYTES = 4 << 30
 # Per-sample inputs larger than this could not have their Hessian computed anyway (n^2).

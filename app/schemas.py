@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+
+from app.names import REF_PATTERN
 
 Datatype = Literal[
     "BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "BF16", "FP32", "FP64"
@@ -20,13 +22,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Counts and indices are JSON integers: not true/false (pydantic's lax int takes them as
+# 1/0), not "3", not 2.0.
+Count = Annotated[StrictInt, Field(ge=0)]
+
+
 class TensorObject(_Strict):
     """A tensor in the Open Inference Protocol layout."""
 
     name: str = Field("x", description="Tensor name.", max_length=128)
-    shape: list[NonNegativeInt] = Field(
-        ..., description="Dimensions, e.g. [1, 1, 28, 28].", max_length=16
-    )
+    shape: list[Count] = Field(..., description="Dimensions, e.g. [1, 1, 28, 28].", max_length=16)
     datatype: Datatype = Field("FP32", description="Element type of `data`.")
     data: list[Any] | str = Field(
         ...,
@@ -45,14 +50,14 @@ class LogSoftmaxObjective(_Strict):
     """``log_softmax(output)[index]``."""
 
     type: Literal["log_softmax"]
-    index: NonNegativeInt
+    index: Count
 
 
 class MseObjective(_Strict):
     """``mean((output - target)**2)``; a number target is broadcast to the output shape."""
 
     type: Literal["mse"]
-    target: float | list[Any] | TensorObject = Field(
+    target: StrictFloat | list[Any] | TensorObject = Field(
         ..., description="A number, a list shaped like the output, or a tensor object."
     )
 
@@ -61,7 +66,7 @@ class CrossEntropyObjective(_Strict):
     """``-log_softmax(output)[target]``, one class index or one per sample."""
 
     type: Literal["cross_entropy"]
-    target: NonNegativeInt | list[NonNegativeInt]
+    target: Count | list[Count]
 
 
 Objective = Annotated[
@@ -73,7 +78,12 @@ Objective = Annotated[
 class DerivativeRequest(_Strict):
     """Body of ``POST /jacobian`` and ``POST /hessian``."""
 
-    model: str = Field(..., description="Name of a loaded model (see GET /models).")
+    model: str = Field(
+        ...,
+        pattern=REF_PATTERN,
+        description="A loaded model (see GET /models): `name` (its latest version) or "
+        "`name@version`.",
+    )
     inputs: list[TensorObject] = Field(
         ...,
         min_length=1,
@@ -208,3 +218,48 @@ class HealthStatus(BaseModel):
     status: Literal["ok", "loading"]
     models_loaded: int
     models_failed: int
+
+
+class FailedModelInfo(BaseModel):
+    """A model folder that failed to load, and why."""
+
+    name: str
+    error: str
+
+
+class FieldError(BaseModel):
+    """One failed check of a request: where, and what was expected."""
+
+    field: str = Field(description="The request field, e.g. `inputs[0].data`.")
+    message: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 ``application/problem+json`` body: every error outside ``/v2``.
+
+    ``field`` is always present: the request field at fault, or null where no part of
+    the request is (overloaded, not ready, out of time). The other extras appear on the
+    errors that have them.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field("about:blank", description="Always about:blank: the title says it all.")
+    title: str = Field(description="Not found, Invalid input, Too large, Overloaded, ...")
+    status: int = Field(description="The HTTP status, repeated.")
+    detail: str = Field(description="What was wrong and what was expected.")
+    field: str | None = Field(
+        description="The request field at fault (`model`, `inputs[0].shape`, `body`, "
+        "`path`, `method`, `Authorization`, ...), or null when no field is."
+    )
+    errors: list[FieldError] | None = Field(
+        None, description="Every failed check of a 422 from request validation."
+    )
+    limit_bytes: int | None = Field(None, description="413: the limit that was exceeded.")
+    estimated_bytes: int | None = Field(None, description="413: the result's size.")
+    retry_after_s: int | None = Field(None, description="503 Overloaded: retry after.")
+    failed: list[FailedModelInfo] | None = Field(
+        None, description="503 from /health/ready: the model folders that failed to load."
+    )
+    models_loaded: int | None = Field(None, description="503 from /health/ready.")
+    models_failed: int | None = Field(None, description="503 from /health/ready.")

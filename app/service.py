@@ -113,6 +113,7 @@ def _mse_target(target: float | list[Any] | TensorObject, outputs: int, batch: i
     if isinstance(target, TensorObject):
         tensor = codec.decode_tensor(target, field)
     else:
+        codec.check_numbers(target if isinstance(target, list) else [target], field)
         try:
             array = np.asarray(target, dtype=np.float64)
         except (ValueError, TypeError):

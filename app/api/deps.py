@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
+from app.names import REF_PATTERN
 from app.registry import Registry
 from app.service import DerivativeService
 
@@ -22,3 +23,8 @@ def get_service(request: Request) -> DerivativeService:
 
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 ServiceDep = Annotated[DerivativeService, Depends(get_service)]
+# ``{name}`` in /models paths: ``name`` or ``name@version``; ``name@`` is a 422 naming
+# it, not every version of ``name``.
+ModelRef = Annotated[
+    str, Path(pattern=REF_PATTERN, description="`name` (its latest version) or `name@version`.")
+]

@@ -8,12 +8,14 @@ body, the problem schema on every error, operation ids a generated client can us
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from app.errors import NotReady, Overloaded
+from app.codec import check_numbers
+from app.errors import InvalidInput, NotReady, Overloaded
 from app.errors import problem_of as body_of
 
 PROBLEM = "application/problem+json"
@@ -115,3 +117,174 @@ def test_errors_without_a_field_carry_field_null(client: TestClient) -> None:
     )
     assert problem_of(not_utf8, not_utf8.status_code)["field"] == "body"
     assert not_utf8.status_code in (400, 422)
+
+
+@pytest.mark.parametrize("path", ["/v2/health/live", "/v2/health/ready"])
+def test_v2_health_answers_and_documents_an_empty_body(client: TestClient, path: str) -> None:
+    response = client.get(path)
+    assert response.status_code == 200 and response.content == b""
+    assert "content-type" not in response.headers
+    operation = client.get("/openapi.json").json()["paths"][path]["get"]
+    assert "content" not in operation["responses"]["200"], operation  # nothing promised
+
+
+EXPECTED_OPERATION_IDS = {
+    ("post", "/hessian"): "hessian",
+    ("post", "/jacobian"): "jacobian",
+    ("get", "/models"): "list_models",
+    ("get", "/models/{name}"): "get_model",
+    ("post", "/models"): "register_model",
+    ("delete", "/models/{name}"): "delete_model",
+    ("get", "/health/live"): "health_live",
+    ("get", "/health/ready"): "health_ready",
+    ("get", "/metrics"): "metrics",
+    ("get", "/v2"): "v2_server_metadata",
+    ("get", "/v2/health/live"): "v2_health_live",
+    ("get", "/v2/health/ready"): "v2_health_ready",
+    ("get", "/v2/models/{name}"): "v2_model_metadata",
+    ("get", "/v2/models/{name}/versions/{version}"): "v2_model_version_metadata",
+    ("get", "/v2/models/{name}/ready"): "v2_model_ready",
+    ("get", "/v2/models/{name}/versions/{version}/ready"): "v2_model_version_ready",
+    ("post", "/v2/models/{name}/infer"): "v2_model_infer",
+    ("post", "/v2/models/{name}/versions/{version}/infer"): "v2_model_version_infer",
+}
+# What each operation can answer besides 2xx: the document must declare at least these.
+EXPECTED_ERRORS = {
+    "hessian": {400, 404, 413, 422, 503, 504},
+    "jacobian": {400, 404, 413, 422, 503, 504},
+    "get_model": {404, 422},
+    "register_model": {400, 401, 403, 409, 413, 422},
+    "delete_model": {401, 403, 404, 422},
+    "health_ready": {503},
+    "v2_health_ready": {503},
+    "v2_model_metadata": {400, 404},
+    "v2_model_infer": {400, 404, 413},
+}
+
+
+def _operations(spec: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {
+        (method, path): operation
+        for path, operations in spec["paths"].items()
+        for method, operation in operations.items()
+    }
+
+
+def _refs(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        found = {node["$ref"]} if isinstance(node.get("$ref"), str) else set()
+        return found.union(*(_refs(value) for value in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_refs(item) for item in node))
+    return set()
+
+
+def test_openapi_operation_ids_a_generated_client_can_use(client: TestClient) -> None:
+    operations = _operations(client.get("/openapi.json").json())
+    assert {key: op.get("operationId") for key, op in operations.items()} == (
+        EXPECTED_OPERATION_IDS
+    )
+
+
+def test_every_documented_error_references_the_problem_schema(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    assert {"type", "title", "status", "detail", "field", "errors"} <= set(
+        schemas["Problem"]["properties"]
+    )
+    assert "field" in schemas["Problem"]["required"]
+    assert "HTTPValidationError" not in str(spec)  # FastAPI's default 422 is never sent
+    for ref in _refs(spec):  # every reference resolves in the document
+        assert ref.removeprefix("#/components/schemas/") in schemas, ref
+    for (method, path), operation in _operations(spec).items():
+        errors = {int(s): r for s, r in operation["responses"].items() if int(s) >= 400}
+        wanted = EXPECTED_ERRORS.get(operation["operationId"], set())
+        assert wanted <= set(errors), (method, path, sorted(errors))
+        for status, response in errors.items():
+            content = response.get("content", {})
+            if path.startswith("/v2"):
+                assert "#/components/schemas/ErrorBody" in _refs(content), (path, status)
+            else:
+                assert set(content) == {PROBLEM}, (method, path, status)
+                schema = content[PROBLEM]["schema"]
+                assert schema == {"$ref": "#/components/schemas/Problem"}, (path, status)
+
+
+@pytest.mark.parametrize(
+    ("shape", "data"),
+    [
+        ([4], [True, False, True, False]),
+        ([4], [1.0, True, 3.0, 4.0]),  # numpy would cast it to 1.0 silently
+        ([4], [0, 1, 2, True]),
+        ([2, 4], [[1.0, 2.0, 3.0, 4.0], [False, 4.0, 3.0, 2.0]]),
+    ],
+)
+def test_json_booleans_are_not_numbers(
+    client: TestClient, shape: list[int], data: list[Any]
+) -> None:
+    request = {"model": "quadratic4", "inputs": [{**X4, "shape": shape, "data": data}]}
+    body = problem_of(client.post("/jacobian", json=request), 422)
+    assert body["field"] == "inputs[0].data" and "boolean" in body["detail"], body
+
+
+def test_booleans_elsewhere_are_not_numbers_either(client: TestClient) -> None:
+    base = {"model": "quadratic4", "inputs": [X4]}
+    cases = [
+        ({"objective": {"type": "mse", "target": [1.0, True, 0.0, 0.0]}}, "objective.target"),
+        ({"objective": {"type": "mse", "target": True}}, "objective.target"),
+        ({"objective": {"type": "cross_entropy", "target": True}}, "objective.target"),
+        ({"objective": {"type": "log_softmax", "index": False}}, "objective.index"),
+        ({"inputs": [{**X4, "shape": [True, 4]}]}, "inputs[0].shape[0]"),
+        ({"inputs": [{**X4, "shape": ["4"]}]}, "inputs[0].shape[0]"),
+    ]
+    for change, field in cases:
+        body = problem_of(client.post("/hessian", json={**base, **change}), 422)
+        assert body["field"] == field, (change, body)
+    v2 = client.post(
+        "/v2/models/quadratic4/infer",
+        json={"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [True] * 4}]},
+    )
+    assert v2.status_code == 400 and "inputs[0].data" in v2.json()["error"], v2.text
+
+
+def test_a_million_numbers_are_checked_for_booleans_in_milliseconds() -> None:
+    numbers = [float(i) for i in range(1_000_000)]
+    timings = []
+    for _ in range(3):
+        start = time.perf_counter()
+        check_numbers(numbers, "inputs[0].data")
+        timings.append(time.perf_counter() - start)
+    assert min(timings) < 0.1, timings  # about 20 ms on one core; parsing takes longer
+    with pytest.raises(InvalidInput, match="boolean") as caught:
+        check_numbers([*numbers[:-1], True], "inputs[0].data")
+    assert caught.value.field == "inputs[0].data"
+
+
+def test_bool_datatype_still_takes_booleans(client: TestClient) -> None:
+    request = {
+        "model": "quadratic4",
+        "inputs": [{"name": "x", "shape": [4], "datatype": "BOOL", "data": [True, False] * 2}],
+    }
+    response = client.post("/jacobian", json=request)
+    assert response.status_code == 200, response.text
+    jacobian = response.json()["outputs"][0]["data"]
+    assert jacobian == [0.0] * 5 + [0.0] * 5 + [4.0] + [0.0] * 5  # diag(2 * arange(4) * x)
+
+
+@pytest.mark.parametrize("model", ["quadratic4@", "@1", "quadratic4@1@1", "../quadratic4", ""])
+def test_a_model_reference_must_be_name_or_name_at_version(client: TestClient, model: str) -> None:
+    request = {"model": model, "inputs": [X4], "output_index": 1}
+    body = problem_of(client.post("/hessian", json=request), 422)
+    assert body["field"] == "model", body
+    assert client.post("/hessian", json={**request, "model": "quadratic4@1"}).status_code == 200
+
+
+def test_paths_refuse_an_empty_version_too(client: TestClient) -> None:
+    body = problem_of(client.get("/models/quadratic4@"), 422)
+    assert body["field"] == "name"
+    assert client.get("/models/quadratic4@1").status_code == 200
+    for path in ("/v2/models/quadratic4@", "/v2/models/quadratic4@/ready"):
+        response = client.get(path)
+        assert response.status_code == 400 and response.json()["error"].startswith("name:")
+    infer = client.post("/v2/models/quadratic4@/infer", json={"inputs": []})
+    assert infer.status_code == 400 and infer.json()["error"].startswith("name:")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hmac
 import shutil
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Request, Response
@@ -23,7 +23,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from app.api.deps import RegistryDep
+from app.api.deps import ModelRef, RegistryDep
+from app.api.responses import problems
 from app.api.routes.models import model_info
 from app.archives import UnsafeModelFile
 from app.config import Settings
@@ -60,14 +61,18 @@ def require_admin(
 
 AdminDep = Annotated[None, Depends(require_admin)]
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or wrong Bearer token (problem+json)."},
-    403: {"description": "Model management is off: HESSIAN_ADMIN_TOKEN is not set."},
-    404: {"description": "No such model (problem+json)."},
-    409: {"description": "That name@version is loaded; replace=true replaces it."},
-    413: {"description": "Body over HESSIAN_MAX_UPLOAD_BYTES (problem+json)."},
-    422: {"description": "Bad manifest, or a file that is refused or fails to load."},
-}
+_REGISTER_ERRORS = problems(
+    400,
+    401,
+    403,
+    409,
+    413,
+    422,
+    s400="The body is not a readable multipart/form-data body.",
+    s413="Body over HESSIAN_MAX_UPLOAD_BYTES.",
+    s422="Bad manifest, or a file that is refused or fails to load; `field` names it.",
+)
+_DELETE_ERRORS = problems(401, 403, 404, 422, s422="`name` is not a model name or name@version.")
 _MULTIPART = {
     "requestBody": {
         "required": True,
@@ -177,8 +182,9 @@ def _load(
     "/models",
     status_code=201,
     response_model=ModelInfo,
-    responses=_ERRORS,
+    responses=_REGISTER_ERRORS,
     openapi_extra=_MULTIPART,
+    operation_id="register_model",
     summary="Register a model (multipart: manifest JSON + file); needs the admin token",
 )
 async def register_model(
@@ -220,11 +226,12 @@ def _remove(store: UploadStore, registry: Registry, ref: str) -> list[LoadedMode
 @router.delete(
     "/models/{name}",
     response_model=ModelList,
-    responses=_ERRORS,
+    responses=_DELETE_ERRORS,
+    operation_id="delete_model",
     summary="Unload a model (`name`: every version; `name@version`: one); needs the token",
 )
 async def delete_model(
-    name: str, request: Request, registry: RegistryDep, _admin: AdminDep
+    name: ModelRef, request: Request, registry: RegistryDep, _admin: AdminDep
 ) -> ModelList:
     """Unload a model at once; requests already running on it finish on it. An uploaded
     model's files are deleted too; a model from HESSIAN_MODELS_DIR is only unloaded (its

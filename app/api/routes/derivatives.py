@@ -8,6 +8,7 @@ from fastapi import APIRouter, Body, Request, Response
 
 from app.api.deps import ServiceDep
 from app.api.examples import hessian_examples, jacobian_examples
+from app.api.responses import problems
 from app.binary import BINARY_CONTENT_TYPE, HEADER_LENGTH, Encoded
 from app.schemas import DerivativeRequest, DerivativeResponse
 
@@ -29,12 +30,20 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
             }
         },
     },
-    404: {"description": "Unknown model (problem+json)."},
-    413: {"description": "Body or result over the configured limit (problem+json)."},
-    422: {"description": "Invalid input, naming the field (problem+json)."},
-    503: {"description": "Queue full: retry after `Retry-After` seconds (problem+json)."},
-    504: {"description": "Not computed within the per-request deadline (problem+json)."},
+    **problems(
+        400,
+        404,
+        413,
+        422,
+        503,
+        504,
+        s400="The body could not be read as UTF-8 JSON.",
+        s404="Unknown model or version; `field` is `model`.",
+        s413="Body or result over the configured limit (`limit_bytes`, `estimated_bytes`).",
+        s503="Queue full (retry after `Retry-After` seconds), or models still loading.",
+    ),
 }
+
 
 
 def _response(encoded: Encoded) -> Response:
@@ -45,6 +54,7 @@ def _response(encoded: Encoded) -> Response:
     "/hessian",
     response_model=DerivativeResponse,
     responses=_ERRORS,
+    operation_id="hessian",
     summary="Input Hessian of an output (or an objective) of a model",
 )
 async def post_hessian(
@@ -64,6 +74,7 @@ async def post_hessian(
     "/jacobian",
     response_model=DerivativeResponse,
     responses=_ERRORS,
+    operation_id="jacobian",
     summary="Input Jacobian of a model's outputs",
 )
 async def post_jacobian(

@@ -1,17 +1,26 @@
-"""Liveness and readiness probes."""
+"""Liveness and readiness probes.
+
+``/health/live``: the process answers (and how loading went). ``/health/ready``: models
+can serve, as ``HESSIAN_READY_REQUIRES`` defines it (``app.readiness``); otherwise 503
+problem+json naming every model folder that failed to load and why.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request
 
 from app.api.deps import RegistryDep
+from app.api.responses import problems
+from app.errors import NotReady
+from app.readiness import readiness
 from app.schemas import HealthStatus
 
 router = APIRouter(prefix="/health", tags=["health"])
 
 
-@router.get("/live", response_model=HealthStatus, summary="The process is up")
+@router.get(
+    "/live", response_model=HealthStatus, operation_id="health_live", summary="The process is up"
+)
 async def live(registry: RegistryDep) -> HealthStatus:
     return HealthStatus(
         status="ok" if registry.ready else "loading",
@@ -23,9 +32,21 @@ async def live(registry: RegistryDep) -> HealthStatus:
 @router.get(
     "/ready",
     response_model=HealthStatus,
-    responses={503: {"description": "Models are still loading."}},
-    summary="Models are loaded and requests can be served",
+    operation_id="health_ready",
+    responses=problems(
+        503,
+        s503="Not ready: loading, no model can serve, or (HESSIAN_READY_REQUIRES=all) a "
+        "model folder failed; `failed` lists each folder and its error.",
+    ),
+    summary="Models can serve requests (at least one, or every one by HESSIAN_READY_REQUIRES)",
 )
-async def ready(registry: RegistryDep) -> JSONResponse:
-    status = await live(registry)
-    return JSONResponse(status.model_dump(), status_code=200 if registry.ready else 503)
+async def ready(request: Request, registry: RegistryDep) -> HealthStatus:
+    state = readiness(registry, request.app.state.settings.ready_requires)
+    if not state.ready:
+        raise NotReady(
+            state.detail,
+            models_loaded=state.loaded,
+            models_failed=len(state.failed),
+            failed=[{"name": entry.name, "error": entry.error} for entry in state.failed],
+        )
+    return await live(registry)

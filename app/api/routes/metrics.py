@@ -12,6 +12,7 @@ router = APIRouter(tags=["metrics"])
 @router.get(
     "/metrics",
     response_class=Response,
+    operation_id="metrics",
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
     summary="Prometheus metrics: requests, latency, batches, queue, device memory",
 )

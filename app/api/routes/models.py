@@ -10,7 +10,8 @@ from dataclasses import asdict
 
 from fastapi import APIRouter
 
-from app.api.deps import RegistryDep
+from app.api.deps import ModelRef, RegistryDep
+from app.api.responses import problems
 from app.registry import FailedModel, LoadedModel, Registry
 from app.schemas import CapabilityReport, ModelInfo, ModelList
 
@@ -61,6 +62,7 @@ def model_info(entry: LoadedModel | FailedModel, registry: Registry | None = Non
 @router.get(
     "/models",
     response_model=ModelList,
+    operation_id="list_models",
     summary="Loaded models (every version), their capabilities, and those that failed",
 )
 async def list_models(registry: RegistryDep) -> ModelList:
@@ -72,9 +74,18 @@ async def list_models(registry: RegistryDep) -> ModelList:
 @router.get(
     "/models/{name}",
     response_model=ModelInfo,
+    operation_id="get_model",
+    responses=problems(
+        404,
+        422,
+        503,
+        s404="No model of that name, or no such version of it.",
+        s422="`name` is not a model name or name@version.",
+        s503="Models are still loading.",
+    ),
     summary="One model (`name` or `name@version`) and its capability report",
 )
-async def get_model(name: str, registry: RegistryDep) -> ModelInfo:
+async def get_model(name: ModelRef, registry: RegistryDep) -> ModelInfo:
     if name in registry.failed and name not in registry.models:
         return model_info(registry.failed[name])
     return model_info(registry.get(name), registry)

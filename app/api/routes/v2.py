@@ -9,17 +9,20 @@ service's statuses, except that invalid input is 400, as the protocol asks.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from app import oip
 from app.api.deps import RegistryDep
+from app.api.responses import PROBLEM_REF, REF_PREFIX, Responses
 from app.binary import BINARY_CONTENT_TYPE, HEADER_LENGTH
-from app.errors import InvalidInput, ServiceError, status_of
+from app.errors import PROBLEM_CONTENT_TYPE, InvalidInput, ServiceError, status_of
+from app.fields import field_name
+from app.names import NAME_PATTERN, VERSION_PATTERN
 from app.oip_schemas import (
     ErrorBody,
     InferRequest,
@@ -28,6 +31,7 @@ from app.oip_schemas import (
     ModelReady,
     ServerMetadata,
 )
+from app.readiness import readiness
 
 EXTENSIONS = ["binary_tensor_data"]
 
@@ -50,19 +54,35 @@ class OipRoute(APIRoute):
                 return _error(status, exc.detail)
             except RequestValidationError as exc:
                 first = exc.errors()[0] if exc.errors() else {}
-                return _error(400, f"{first.get('loc', '')}: {first.get('msg', 'invalid')}")
+                where = field_name(first.get("loc", ()), exc.body)
+                return _error(400, f"{where}: {first.get('msg', 'invalid')}")
 
         return route
 
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], route_class=OipRoute)
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+_ERRORS: Responses = {
     400: {"model": ErrorBody, "description": "Invalid request, naming the field."},
     404: {"model": ErrorBody, "description": "Unknown model or version."},
-    413: {"description": "Body over the configured limit (problem+json)."},
-    503: {"model": ErrorBody, "description": "Models are still loading."},
+    503: {"model": ErrorBody, "description": "Not ready: no model can serve yet."},
 }
+# The body-size limit answers before any route: problem+json that also carries "error".
+_TOO_LARGE: Responses = {
+    413: {
+        "model": ErrorBody,
+        "description": "Body over the configured limit.",
+        "content": {
+            PROBLEM_CONTENT_TYPE: {
+                "schema": {"allOf": [PROBLEM_REF, {"$ref": f"{REF_PREFIX}ErrorBody"}]}
+            }
+        },
+    }
+}
+# Names and versions as the registry holds them: ``name@`` or ``../x`` is a 400 naming
+# the path parameter, never resolved to some other model.
+ModelName = Annotated[str, Path(pattern=NAME_PATTERN, description="A loaded model's name.")]
+ModelVersion = Annotated[str, Path(pattern=VERSION_PATTERN, description="One of its versions.")]
 
 
 def _inline(schema: dict[str, Any]) -> dict[str, Any]:
@@ -98,25 +118,43 @@ _INFER_BODY = {
 }
 
 
-@router.get("", response_model=ServerMetadata, summary="Server metadata")
+@router.get(
+    "", response_model=ServerMetadata, operation_id="v2_server_metadata", summary="Server metadata"
+)
 async def server_metadata(request: Request) -> ServerMetadata:
     return ServerMetadata(
         name="hessian-service", version=request.app.version, extensions=EXTENSIONS
     )
 
 
-@router.get("/health/live", summary="The server is live")
+# KServe v2: "The HTTP response status code indicates a boolean result for the health
+# request ... The HTTP response body should be empty": no content, no content type.
+@router.get(
+    "/health/live",
+    response_class=Response,
+    operation_id="v2_health_live",
+    responses={200: {"description": "Live. The body is empty: the status is the answer."}},
+    summary="The server is live",
+)
 async def live() -> Response:
     return Response(status_code=200)
 
 
 @router.get(
     "/health/ready",
-    responses={503: {"description": "Models are still loading."}},
+    response_class=Response,
+    operation_id="v2_health_ready",
+    responses={
+        200: {"description": "Ready. The body is empty: the status is the answer."},
+        503: {"model": ErrorBody, "description": "Not ready: why, in `error`."},
+    },
     summary="The server is ready for inference",
 )
-async def ready(registry: RegistryDep) -> Response:
-    return Response(status_code=200 if registry.ready else 503)
+async def ready(request: Request, registry: RegistryDep) -> Response:
+    state = readiness(registry, request.app.state.settings.ready_requires)
+    if not state.ready:
+        return _error(503, state.detail)
+    return Response(status_code=200)
 
 
 def _ready(registry: RegistryDep, name: str, version: str | None) -> ModelReady:
@@ -128,9 +166,10 @@ def _ready(registry: RegistryDep, name: str, version: str | None) -> ModelReady:
     "/models/{name}",
     response_model=ModelMetadata,
     responses=_ERRORS,
+    operation_id="v2_model_metadata",
     summary="Model metadata",
 )
-async def model_metadata(name: str, registry: RegistryDep) -> ModelMetadata:
+async def model_metadata(name: ModelName, registry: RegistryDep) -> ModelMetadata:
     model = oip.lookup(registry, name)
     return oip.model_metadata(model, oip.versions_of(registry, model))
 
@@ -139,16 +178,23 @@ async def model_metadata(name: str, registry: RegistryDep) -> ModelMetadata:
     "/models/{name}/versions/{version}",
     response_model=ModelMetadata,
     responses=_ERRORS,
+    operation_id="v2_model_version_metadata",
     summary="Model metadata, one version",
 )
-async def model_version_metadata(name: str, version: str, registry: RegistryDep) -> ModelMetadata:
+async def model_version_metadata(
+    name: ModelName, version: ModelVersion, registry: RegistryDep
+) -> ModelMetadata:
     return oip.model_metadata(oip.lookup(registry, name, version))
 
 
 @router.get(
-    "/models/{name}/ready", response_model=ModelReady, responses=_ERRORS, summary="Model ready"
+    "/models/{name}/ready",
+    response_model=ModelReady,
+    responses=_ERRORS,
+    operation_id="v2_model_ready",
+    summary="Model ready",
 )
-async def model_ready(name: str, registry: RegistryDep) -> ModelReady:
+async def model_ready(name: ModelName, registry: RegistryDep) -> ModelReady:
     return _ready(registry, name, None)
 
 
@@ -156,9 +202,12 @@ async def model_ready(name: str, registry: RegistryDep) -> ModelReady:
     "/models/{name}/versions/{version}/ready",
     response_model=ModelReady,
     responses=_ERRORS,
+    operation_id="v2_model_version_ready",
     summary="Model ready, one version",
 )
-async def model_version_ready(name: str, version: str, registry: RegistryDep) -> ModelReady:
+async def model_version_ready(
+    name: ModelName, version: ModelVersion, registry: RegistryDep
+) -> ModelReady:
     return _ready(registry, name, version)
 
 
@@ -185,24 +234,26 @@ header of `Inference-Header-Content-Length` bytes."""
 @router.post(
     "/models/{name}/infer",
     response_model=InferResponse,
-    responses=_ERRORS,
+    responses=_ERRORS | _TOO_LARGE,
     openapi_extra=_INFER_BODY,
+    operation_id="v2_model_infer",
     summary="Inference: the model's output",
     description=_INFER_DOC,
 )
-async def infer(name: str, request: Request, registry: RegistryDep) -> Response:
+async def infer(name: ModelName, request: Request, registry: RegistryDep) -> Response:
     return await _infer(request, registry, name, None)
 
 
 @router.post(
     "/models/{name}/versions/{version}/infer",
     response_model=InferResponse,
-    responses=_ERRORS,
+    responses=_ERRORS | _TOO_LARGE,
     openapi_extra=_INFER_BODY,
+    operation_id="v2_model_version_infer",
     summary="Inference on one version",
     description=_INFER_DOC,
 )
 async def infer_version(
-    name: str, version: str, request: Request, registry: RegistryDep
+    name: ModelName, version: ModelVersion, request: Request, registry: RegistryDep
 ) -> Response:
     return await _infer(request, registry, name, version)
