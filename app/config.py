@@ -27,6 +27,14 @@ class Settings(BaseSettings):
         "at least one model can serve; all: every model folder found loaded, none failed.",
     )
     max_body_bytes: int = Field(64 * MiB, gt=0, description="Largest request body accepted.")
+    max_json_number_bytes: int = Field(
+        4 * MiB,
+        gt=0,
+        description="Most bytes of a JSON body outside its string literals (numbers and "
+        "their punctuation): parsing them holds the GIL, about 10 ms a MiB, so this bounds "
+        "how long one request can stall the others. base64 and binary data are not "
+        "counted; they may fill max_body_bytes (app.json_body).",
+    )
     max_result_bytes: int = Field(
         512 * MiB, gt=0, description="Largest result (all matrices of one request) computed."
     )
@@ -45,6 +53,15 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(
         512 * MiB, gt=0, description="Largest POST /models body (manifest and file)."
+    )
+    upload_check_memory_bytes: int = Field(
+        3 << 30,
+        gt=0,
+        description="Address space of the child process that scans, loads and runs an "
+        "uploaded archive once before the server loads it (app.isolation).",
+    )
+    upload_check_timeout_s: float = Field(
+        120.0, gt=0, description="Time that child process may take; then it is killed."
     )
     upload_dir: Path | None = Field(
         None,

@@ -1,4 +1,8 @@
-"""``POST /jacobian`` and ``POST /hessian``: validate the body, hand it to the service."""
+"""``POST /jacobian`` and ``POST /hessian``: validate the body, hand it to the service.
+
+The body is read by ``app.api.body``: its JSON numbers counted against their own limit
+as it arrives, then parsed and validated in a worker thread, not on the event loop.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,26 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request, Response
 
+from app.api.body import counted_json_route
 from app.api.deps import ServiceDep
 from app.api.examples import hessian_examples, jacobian_examples
 from app.api.responses import problems
 from app.binary import BINARY_CONTENT_TYPE, HEADER_LENGTH, Encoded
+from app.config import Settings
 from app.schemas import DerivativeRequest, DerivativeResponse
 
-router = APIRouter(tags=["derivatives"])
+
+def _binary_alternative(settings: Settings) -> str:
+    return (
+        "Send the numbers as base64 instead: inputs[0].data as a string of the tensor's "
+        "little-endian bytes (4 a number in FP32), which may fill the whole "
+        f"{settings.max_body_bytes}-byte body limit (HESSIAN_MAX_BODY_BYTES)."
+    )
+
+
+router = APIRouter(
+    tags=["derivatives"], route_class=counted_json_route(DerivativeRequest, _binary_alternative)
+)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     200: {
@@ -43,7 +60,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         s503="Queue full (retry after `Retry-After` seconds), or models still loading.",
     ),
 }
-
 
 
 def _response(encoded: Encoded) -> Response:

@@ -16,12 +16,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from app import oip
+from app import codec, oip
 from app.api.deps import RegistryDep
 from app.api.responses import PROBLEM_REF, REF_PREFIX, Responses
 from app.binary import BINARY_CONTENT_TYPE, HEADER_LENGTH
-from app.errors import PROBLEM_CONTENT_TYPE, InvalidInput, ServiceError, status_of
+from app.errors import (
+    PROBLEM_CONTENT_TYPE,
+    InvalidInput,
+    ServiceError,
+    TooLarge,
+    problem_of,
+    status_of,
+)
 from app.fields import field_name
+from app.json_body import read_body
 from app.names import NAME_PATTERN, VERSION_PATTERN
 from app.oip_schemas import (
     ErrorBody,
@@ -49,6 +57,9 @@ class OipRoute(APIRoute):
         async def route(request: Request) -> Response:
             try:
                 return await handler(request)
+            except TooLarge as exc:  # as the body-size limit answers: problem+json + error
+                body = {**problem_of(exc), "error": exc.detail}
+                return Response(codec.dumps(body), status_of(exc), media_type=PROBLEM_CONTENT_TYPE)
             except ServiceError as exc:
                 status = 400 if isinstance(exc, InvalidInput) else status_of(exc)
                 return _error(status, exc.detail)
@@ -211,16 +222,27 @@ async def model_version_ready(
     return _ready(registry, name, version)
 
 
+_BINARY_ALTERNATIVE = (
+    "Send the input with the binary tensor extension instead: a JSON header of "
+    f"{HEADER_LENGTH} bytes whose input carries parameters.binary_data_size and no data, "
+    "followed by the tensor's raw little-endian bytes."
+)
+
+
 async def _infer(
     request: Request, registry: RegistryDep, name: str, version: str | None
 ) -> Response:
+    settings = request.app.state.settings
+    header_length = request.headers.get(HEADER_LENGTH)
+    json_length = header_length.strip() if header_length is not None else ""
+    body = await read_body(  # its JSON numbers counted as it arrives, before any parsing
+        request.stream(),
+        json_number_limit=settings.max_json_number_bytes,
+        json_length=int(json_length) if json_length.isdigit() else None,
+        alternative=_BINARY_ALTERNATIVE,
+    )
     encoded = await oip.infer(
-        registry,
-        name,
-        version,
-        await request.body(),
-        request.headers.get(HEADER_LENGTH),
-        request.app.state.settings.max_samples_per_request,
+        registry, name, version, body, header_length, settings.max_samples_per_request
     )
     return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
 
