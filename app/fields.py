@@ -35,11 +35,11 @@ def _kept(loc: tuple[Any, ...], body: Any) -> Iterable[str | int]:
             else:
                 walkable = False
             yield part
+        elif walkable and isinstance(node, dict) and part in node:
+            node = node[part]  # the client's own key, whatever it looks like ("Model")
+            yield part
         elif _is_member(part):
             continue
-        elif walkable and isinstance(node, dict) and part in node:
-            node = node[part]
-            yield part
         elif walkable and i != last:
             continue  # a discriminated union's tag: the body has no such key here
         else:

@@ -23,17 +23,19 @@ class BodySizeLimit:
 
     async def _refuse(self, scope: Scope, send: Send, limit: int) -> None:
         detail = f"request body is over this server's limit of {limit} bytes"
-        # Open Inference Protocol clients (tritonclient) read the message from "error".
-        oip = str(scope.get("path", "")).startswith("/v2/")
-        body = codec.dumps(
-            problem(413, "Too large", detail, limit_bytes=limit, error=detail if oip else None)
-        )
+        # Open Inference Protocol clients (tritonclient) read {"error": ...}, as every
+        # other /v2 error; elsewhere the problem names the body as the field at fault.
+        if str(scope.get("path", "")).startswith("/v2/"):
+            body, content_type = codec.dumps({"error": detail}), "application/json"
+        else:
+            problem_body = problem(413, "Too large", detail, field="body", limit_bytes=limit)
+            body, content_type = codec.dumps(problem_body), PROBLEM_CONTENT_TYPE
         await send(
             {
                 "type": "http.response.start",
                 "status": 413,
                 "headers": [
-                    (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+                    (b"content-type", content_type.encode()),
                     (b"content-length", str(len(body)).encode()),
                 ],
             }

@@ -22,10 +22,10 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from torch import nn
 
 from app.archives import Format
@@ -43,6 +43,10 @@ DEFAULT_MAX_UNPACKED_BYTES = 4 << 30
 MAX_INPUT_ELEMENTS = 1 << 20
 
 
+# A dimension is a JSON integer > 0: not true (pydantic's lax int reads it as 1), not "4".
+Dimension = Annotated[StrictInt, Field(gt=0)]
+
+
 class Manifest(BaseModel):
     """What a model folder (or an upload's ``manifest`` part) declares about its model."""
 
@@ -53,8 +57,8 @@ class Manifest(BaseModel):
     description: str = Field("", max_length=2000)
     format: Format = Field("zoo", description="zoo | torchscript | export")
     architecture: str | None = Field(None, description="For format 'zoo': a name in app.zoo.")
-    input_shape: list[PositiveInt] = Field(..., min_length=1, max_length=8)
-    output_shape: list[PositiveInt] = Field(
+    input_shape: list[Dimension] = Field(..., min_length=1, max_length=8)
+    output_shape: list[Dimension] = Field(
         default_factory=list,
         max_length=8,
         description="Per-sample output shape; checked when given, measured when not.",

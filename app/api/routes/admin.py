@@ -29,6 +29,7 @@ from app.api.routes.models import model_info
 from app.archives import UnsafeModelFile
 from app.config import Settings
 from app.errors import Conflict, Forbidden, InvalidInput, Unauthorized
+from app.fields import field_name
 from app.loaders import DEFAULT_FILES
 from app.registry import MANIFEST_NAME, LoadedModel, Manifest, Registry, load_model
 from app.schemas import ModelInfo, ModelList
@@ -107,7 +108,7 @@ def _manifest(text: str) -> Manifest:
         manifest = Manifest.model_validate_json(text)
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        where = field_name(first["loc"]) if first["loc"] else ""
         field = f"manifest.{where}" if where else "manifest"
         raise InvalidInput(f"{field}: {first['msg']}", field=field) from None
     if manifest.file or manifest.weights:

@@ -18,7 +18,7 @@ from fastapi.routing import APIRoute
 
 from app import codec, oip
 from app.api.deps import RegistryDep
-from app.api.responses import PROBLEM_REF, REF_PREFIX, Responses
+from app.api.responses import Responses
 from app.binary import BINARY_CONTENT_TYPE, HEADER_LENGTH
 from app.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -78,18 +78,7 @@ _ERRORS: Responses = {
     404: {"model": ErrorBody, "description": "Unknown model or version."},
     503: {"model": ErrorBody, "description": "Not ready: no model can serve yet."},
 }
-# The body-size limit answers before any route: problem+json that also carries "error".
-_TOO_LARGE: Responses = {
-    413: {
-        "model": ErrorBody,
-        "description": "Body over the configured limit.",
-        "content": {
-            PROBLEM_CONTENT_TYPE: {
-                "schema": {"allOf": [PROBLEM_REF, {"$ref": f"{REF_PREFIX}ErrorBody"}]}
-            }
-        },
-    }
-}
+_TOO_LARGE: Responses = {413: {"model": ErrorBody, "description": "Body over a size limit."}}
 # Names and versions as the registry holds them: ``name@`` or ``../x`` is a 400 naming
 # the path parameter, never resolved to some other model.
 ModelName = Annotated[str, Path(pattern=NAME_PATTERN, description="A loaded model's name.")]
