@@ -28,12 +28,12 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(64 * MiB, gt=0, description="Largest request body accepted.")
     max_json_number_bytes: int = Field(
-        4 * MiB,
+        2 * MiB,
         gt=0,
         description="Most bytes of a JSON body outside its string literals (numbers and "
-        "their punctuation): parsing them holds the GIL, about 10 ms a MiB, so this bounds "
-        "how long one request can stall the others. base64 and binary data are not "
-        "counted; they may fill max_body_bytes (app.json_body).",
+        "their punctuation). One parse holds the GIL for all of them, 5-13 ms a MiB "
+        "(bench/json_body_gil.py), so this bounds how long one request stalls the others; "
+        "base64 and binary data do not count and may fill max_body_bytes.",
     )
     max_result_bytes: int = Field(
         512 * MiB, gt=0, description="Largest result (all matrices of one request) computed."
