@@ -32,6 +32,7 @@ from app.archives import Format
 from app.capabilities import Capabilities, probe
 from app.engine import Curvature
 from app.errors import Conflict, InvalidInput, NotFound, NotReady
+from app.isolation import IsolationLimits, check_in_child
 from app.loaders import DEFAULT_FILES, OneSampleAtATime, accepts_batches, freeze, load_module
 from app.names import FILE_PATTERN, NAME_PATTERN, VERSION_PATTERN
 
@@ -186,12 +187,26 @@ def load_model(
     *,
     source: str = "models_dir",
     max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES,
+    isolation: IsolationLimits | None = None,
 ) -> LoadedModel:
-    """Load one model folder: manifest, checked file, eval mode, device, warm-up, probe."""
+    """Load one model folder: manifest, checked file, eval mode, device, warm-up, probe.
+
+    With ``isolation`` (uploads), an archive is first scanned, loaded and run once in a
+    child process under those limits (``app.isolation``), and loaded here only if that
+    succeeded.
+    """
     manifest = Manifest.model_validate_json((folder / MANIFEST_NAME).read_bytes())
     path = (folder / manifest.file_name).resolve()
     if folder.resolve() not in path.parents:
         raise ValueError(f"file {manifest.file_name!r} leaves the model folder")
+    if isolation is not None and manifest.format != "zoo":
+        check_in_child(
+            path,
+            manifest.format,
+            input_shape=manifest.input_shape,
+            dtype=manifest.dtype,
+            limits=isolation,
+        )
     module = load_module(
         path,
         manifest.format,

@@ -30,6 +30,7 @@ from app.archives import UnsafeModelFile
 from app.config import Settings
 from app.errors import Conflict, Forbidden, InvalidInput, Unauthorized
 from app.fields import field_name
+from app.isolation import IsolationLimits
 from app.loaders import DEFAULT_FILES
 from app.registry import MANIFEST_NAME, LoadedModel, Manifest, Registry, load_model
 from app.schemas import ModelInfo, ModelList
@@ -160,6 +161,11 @@ def _load(
             registry.device,
             source="upload",
             max_unpacked_bytes=4 * settings.max_upload_bytes,
+            isolation=IsolationLimits(
+                memory_bytes=settings.upload_check_memory_bytes,
+                timeout_s=settings.upload_check_timeout_s,
+                max_unpacked_bytes=4 * settings.max_upload_bytes,
+            ),
         )
     except UnsafeModelFile as error:
         store.discard(staging)
