@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import codec
@@ -69,14 +71,14 @@ class BodySizeLimit:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
-        replayed = False
+        # Replayed chunk by chunk as it came, not joined: no second copy of the body, and
+        # the JSON-number count (app.json_body) sees the chunks the server read.
+        pending = deque(chunks or [b""])
 
         async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
+            if not pending:
                 return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            chunk = pending.popleft()
+            return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
 
         await self.app(scope, replay, send)
