@@ -301,7 +301,15 @@ def main() -> None:
     parser.add_argument("--check-every", type=int, default=10)
     parser.add_argument("--rss-every", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra server environment, e.g. MALLOC_ARENA_MAX=2 (repeatable)",
+    )
     args = parser.parse_args()
+    server_env = dict(item.split("=", 1) for item in args.env)
     all_cases, inputs = cases(args.seed)
     check_every = coprime(args.check_every, len(all_cases))
     started = time.perf_counter()
@@ -312,9 +320,9 @@ def main() -> None:
         f" every {check_every}th answer checked against {len(references.table)} float64 "
         f"references ({time.perf_counter() - started:.1f} s to compute); {os.cpu_count()} CPUs"
     )
-    report: dict[str, Any] = {"clients": args.clients, "cases": len(all_cases)}
+    report: dict[str, Any] = {"clients": args.clients, "cases": len(all_cases), "env": server_env}
     samples: list[dict[str, float]] = []
-    with server_process() as (url, process):
+    with server_process(**server_env) as (url, process):
         report["rss_start_mb"] = rss_mb(process.pid)[0]
         warm = asyncio.run(
             soak(url, process.pid, all_cases, references, clients=args.clients,
