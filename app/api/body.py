@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
+from anyio.lowlevel import RunVar
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -28,6 +29,19 @@ from app.json_body import parse_json, read_body
 # Bodies up to this size are parsed on the event loop: about 0.3 ms of jiter and
 # validation, the cost of the hop to a worker thread and back.
 INLINE_BODY_BYTES = 1 << 16
+# One parse at a time: a parse holds the GIL throughout, so parallel parses gain nothing,
+# and each more thread waiting for the GIL is one more the event loop queues behind.
+_PARSERS: RunVar[anyio.CapacityLimiter] = RunVar("json_body_parsers")
+
+
+def _parsers() -> anyio.CapacityLimiter:
+    """This event loop's limiter of JSON parses (anyio keeps its own thread limiter so)."""
+    try:
+        return _PARSERS.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(1)
+        _PARSERS.set(limiter)
+        return limiter
 
 
 class _ReadRequest(Request):
@@ -51,7 +65,7 @@ class _ReadRequest(Request):
     async def json(self) -> Any:
         if len(self._read) <= INLINE_BODY_BYTES:
             return self._parse()
-        return await anyio.to_thread.run_sync(self._parse)
+        return await anyio.to_thread.run_sync(self._parse, limiter=_parsers())
 
 
 def counted_json_route(

@@ -6,7 +6,9 @@ it arrives and before anything parses it. Four at once on ``/hessian`` and one o
 ``/v2/.../infer``: ``/health/live`` answers every probe in under 50 ms meanwhile, and a
 normal request afterwards gets the right answer. The server's peak memory for one such
 body (``VmHWM`` in ``/proc/<pid>/status``, reset first through ``clear_refs``) stays
-within three times the body's size. Bounded: at most 5000 probes, 120 s a request.
+within three times the body's size. Bodies just under the limit are parsed in a
+worker thread, one at a time: four senders of them keep the median probe under 50 ms.
+Bounded: at most 5000 probes, 120 s a request.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -37,6 +38,7 @@ BODY_BYTES = 57 * MiB
 LIMIT = 2 * MiB  # HESSIAN_MAX_JSON_NUMBER_BYTES's default, the one under test
 SETTING = "HESSIAN_MAX_JSON_NUMBER_BYTES"
 PROBLEM = "application/problem+json"
+INFER = "/v2/models/digits_cnn/infer"
 
 
 def numbers_body(prefix: bytes, suffix: bytes, size: int = BODY_BYTES) -> bytes:
@@ -66,11 +68,10 @@ def infer_body() -> bytes:
 
 
 def outside_strings(body: bytes) -> int:
-    """The bytes of one of these bodies outside string literals: every string is a key
-    or a short value before the numbers, none holds a quote or a backslash."""
-    head = body[: body.index(b"[", body.index(b'"data"'))]
-    assert b"\\" not in head and b'"' not in body[len(head) :]
-    return len(body) - sum(len(literal) for literal in re.findall(rb'"[^"]*"', head))
+    """The bytes of one of these bodies outside string literals: its strings are keys
+    and short values that hold no quote and no backslash."""
+    assert b"\\" not in body
+    return len(body) - sum(len(literal) for literal in re.findall(rb'"[^"]*"', body))
 
 
 @contextmanager
@@ -147,53 +148,108 @@ def assert_quadratic_hessian(client: httpx.Client) -> None:
     assert np.array_equal(np.reshape(hessian["data"], (4, 4)), np.diag([0.0, 0.0, 4.0, 0.0]))
 
 
-def test_liveness_under_50_ms_while_four_57_mib_json_bodies_arrive() -> None:
-    hessian, infer = hessian_body(), infer_body()
-    sends: list[tuple[str, bytes]] = [("/hessian", hessian)] * 4
-    sends.append(("/v2/models/digits_cnn/infer", infer))
-    outcomes: dict[int, Any] = {}
+def probed(
+    url: str, probe: httpx.Client, sends: list[tuple[str, bytes]], rounds: int = 1
+) -> list[float]:
+    """Send every ``(path, body)`` at once, each from its own thread, ``rounds`` times
+    one after the other; probe ``/health/live`` (1 ms apart) until all are answered.
+    The probes' latencies, in s; ``answers`` every answer (or the error)."""
+    answers.clear()
 
     def send(i: int, path: str, body: bytes) -> None:
-        try:
-            outcomes[i] = post_raw(url, path, body)
-        except OSError as error:
-            outcomes[i] = error
+        for _ in range(rounds):
+            try:
+                answers.append(post_raw(url, path, body))
+            except OSError as error:
+                answers.append(error)
 
+    senders = [
+        threading.Thread(target=send, args=(i, path, body), daemon=True)
+        for i, (path, body) in enumerate(sends)
+    ]
+    for sender in senders:
+        sender.start()
+    probes: list[float] = []
+    while any(s.is_alive() for s in senders) and len(probes) < 5000:
+        started = time.perf_counter()
+        response = probe.get("/health/live")
+        probes.append(time.perf_counter() - started)
+        assert response.status_code == 200
+        time.sleep(0.001)
+    for sender in senders:
+        sender.join(timeout=120)
+    assert len(answers) == len(sends) * rounds
+    return probes
+
+
+answers: list[Answer | OSError] = []  # list.append is atomic: the senders share it
+
+
+def summary(probes: list[float]) -> str:
+    ordered = sorted(probes) or [0.0]
+    return (
+        f"{len(probes)} probes, max {ordered[-1] * 1000:.1f} ms, "
+        f"median {ordered[len(ordered) // 2] * 1000:.1f} ms"
+    )
+
+
+def test_liveness_under_50_ms_while_four_57_mib_json_bodies_arrive() -> None:
+    sends = [("/hessian", hessian_body())] * 4 + [(INFER, infer_body())]
     with server() as (url, pid), httpx.Client(base_url=url, timeout=10, trust_env=False) as probe:
         probe.get("/health/live")  # the connection is open before the clock starts
         reset_peak(pid)
         before = memory_kib(pid)
-        senders = [
-            threading.Thread(target=send, args=(i, path, body), daemon=True)
-            for i, (path, body) in enumerate(sends)
-        ]
         started = time.perf_counter()
-        for sender in senders:
-            sender.start()
-        probes: list[float] = []
-        while any(s.is_alive() for s in senders) and len(probes) < 5000:
-            probe_started = time.perf_counter()
-            response = probe.get("/health/live")
-            probes.append(time.perf_counter() - probe_started)
-            assert response.status_code == 200
-            time.sleep(0.001)
-        for sender in senders:
-            sender.join(timeout=120)
+        probes = probed(url, probe, sends)
         elapsed = time.perf_counter() - started
         after = memory_kib(pid)
         print(
             f"/health/live while 4 x {BODY_BYTES >> 20} MiB JSON bodies went to /hessian and "
-            f"1 to /v2 infer ({elapsed:.1f} s): {len(probes)} probes, max "
-            f"{max(probes, default=0) * 1000:.1f} ms, median "
-            f"{sorted(probes)[len(probes) // 2] * 1000 if probes else 0:.1f} ms; server peak "
-            f"RSS +{(after['VmHWM'] - before['VmRSS']) / 1024:.0f} MiB"
+            f"1 to /v2 infer ({elapsed:.1f} s): {summary(probes)}; server peak RSS "
+            f"+{(after['VmHWM'] - before['VmRSS']) / 1024:.0f} MiB"
         )
-        for i, (path, body) in enumerate(sends):
-            assert isinstance(outcomes.get(i), Answer), outcomes.get(i)
-            assert_refused_for_json_numbers(outcomes[i], body, oip=path.startswith("/v2"))
+        assert [a.status_code for a in answers if isinstance(a, Answer)] == [413] * len(sends)
+        hessian, infer = sends[0][1], sends[-1][1]
+        for answer in answers:
+            assert isinstance(answer, Answer)
+            oip = b"error" in answer.body
+            assert_refused_for_json_numbers(answer, infer if oip else hessian, oip=oip)
+        assert sum(b"error" in a.body for a in answers if isinstance(a, Answer)) == 1
         assert_quadratic_hessian(probe)
     assert len(probes) >= 10, "the bodies were refused too quickly to probe"
     assert max(probes) < 0.050, sorted(probes)[-5:]
+
+
+def test_liveness_under_50_ms_while_four_bodies_just_under_the_limit_are_parsed() -> None:
+    # 120 digits as JSON numbers, ~1.8 MiB outside strings, under a shape of one: each
+    # body is accepted, parsed, validated and decoded (off the event loop) before the
+    # service finds that it holds 94,080 numbers where the shape says 784.
+    x = np.random.default_rng(1).random((120, 1, 28, 28), dtype=np.float32)
+    tensor = {"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": x.ravel().tolist()}
+    body = json.dumps({"model": "digits_cnn", "inputs": [tensor], "output_index": 0}).encode()
+    assert 0.8 * LIMIT < outside_strings(body) <= LIMIT
+    with server() as (url, _pid), httpx.Client(base_url=url, timeout=60, trust_env=False) as probe:
+        probe.get("/health/live")
+        probes = probed(url, probe, [("/hessian", body)] * 4, rounds=5)
+        print(
+            f"/health/live while 4 x 5 x {len(body) / MiB:.1f} MiB JSON-number bodies were "
+            f"parsed for /hessian: {summary(probes)}"
+        )
+        assert len(answers) == 20
+        for answer in answers:
+            assert isinstance(answer, Answer)
+            assert answer.status_code == 422, answer.body[:500]
+            problem = json.loads(answer.body)
+            assert problem["field"] == "inputs[0].data"
+            assert "holds 94080 numbers; shape expects 784" in problem["detail"]
+        assert_quadratic_hessian(probe)
+    # Each parse (jiter, ~8 ms) and decode (numpy, ~8 ms) holds the GIL throughout; the
+    # loop waits for the one running when it wakes: measured max 35-47 ms, median ~22 ms
+    # here, and 168 ms / 62 ms when FastAPI parsed on the loop. Bounded with room for a
+    # busy two-core machine.
+    assert len(probes) >= 5, "the bodies were answered too quickly to probe"
+    assert sorted(probes)[len(probes) // 2] < 0.050, sorted(probes)
+    assert max(probes) < 0.100, sorted(probes)[-5:]
 
 
 def test_a_refused_57_mib_json_body_costs_at_most_three_times_its_size() -> None:
