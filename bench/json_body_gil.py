@@ -71,8 +71,8 @@ def longest_gap_ms(work: Callable[[], Any]) -> float:
     """The longest a thread sleeping 0.5 ms at a time waited while ``work`` ran in another."""
     worker = threading.Thread(target=work)
     gaps: list[float] = []
+    last = time.perf_counter()  # before start(): its return can wait for the first hold
     worker.start()
-    last = time.perf_counter()
     while worker.is_alive():
         time.sleep(0.0005)
         now = time.perf_counter()
