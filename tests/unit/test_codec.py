@@ -63,3 +63,51 @@ def test_malformed_tensor_objects_name_the_field(obj: TensorObject, message: str
         codec.decode_tensor(obj, "inputs[0]")
     assert message in info.value.detail
     assert info.value.field == "inputs[0].data"
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 5, 6, 7, 12, 13, 30])
+def test_base64_in_slices_decodes_as_one_call(monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    """With an 8-character step every slice boundary is exercised; the result is what one
+    strict ``b64decode`` gives, and padding anywhere but the end is refused as it is."""
+    monkeypatch.setattr(codec, "BASE64_STEP", 8)
+    raw = bytes(np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8))
+    text = base64.b64encode(raw).decode()
+    assert codec._b64decode(text).tobytes() == base64.b64decode(text, validate=True) == raw
+    for bad in (text + "Q", "QQ==" + text, text[:4] + "QQ==" + text[4:]):
+        if len(bad) <= 8 or bad.endswith("QQ=="):
+            continue  # one slice, or padding only at the end: no slicing involved
+        with pytest.raises(ValueError):
+            base64.b64decode(bad, validate=True)
+        with pytest.raises(ValueError):
+            codec._b64decode(bad)
+
+
+def test_long_base64_of_the_wrong_length_is_refused_before_decoding() -> None:
+    text = "A" * (codec.BASE64_STEP + 4)
+    with pytest.raises(
+        InvalidInput, match=rf"base64 data of {len(text)} characters; .* 16 bytes, 24 characters"
+    ):
+        codec.decode_tensor(TensorObject(shape=[4], datatype="FP32", data=text), "inputs[0]")
+
+
+def test_decoding_64_mib_of_base64_lets_other_threads_run() -> None:
+    """A thread decoding a 64 MiB base64 tensor (one call held the GIL for about 0.3 s)
+    while this one ticks every millisecond: no tick waits 50 ms."""
+    import threading
+    import time
+
+    values = np.random.default_rng(0).standard_normal(12 << 20).astype(np.float32)
+    text = base64.b64encode(values.tobytes()).decode()
+    tensor = TensorObject(shape=[values.size], datatype="FP32", data=text)
+    worker = threading.Thread(target=codec.decode_tensor, args=(tensor, "x"))
+    gaps: list[float] = []
+    worker.start()
+    last = time.perf_counter()
+    while worker.is_alive():
+        time.sleep(0.001)
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    worker.join()
+    assert len(text) >= 64 << 20
+    assert max(gaps) < 0.05, f"longest wait {max(gaps) * 1000:.0f} ms over {len(gaps)} ticks"
