@@ -337,6 +337,8 @@ def main() -> None:
                  rss_every=args.rss_every, rss_samples=samples)
         )  # fmt: skip
         report["rss_end_mb"], report["rss_peak_mb"] = rss_mb(process.pid)
+        time.sleep(2.0)  # no request in flight: what the server keeps between bursts
+        report["rss_idle_mb"] = rss_mb(process.pid)[0]
         alive = process.poll() is None
     figures = summary(run.phase)
     wrong = run.wrong + warm.wrong
