@@ -36,8 +36,8 @@ CHROMIUM_FLAGS = [
 ]
 # Nothing resolves except 127.0.0.1 itself: an external asset can only fail to load.
 OFFLINE_RULES = "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
-HESSIAN_OP = "operations-derivatives-post_hessian_hessian_post"
-JACOBIAN_OP = "operations-derivatives-post_jacobian_jacobian_post"
+HESSIAN_OP = "operations-derivatives-hessian"  # tag, then the operation id
+JACOBIAN_OP = "operations-derivatives-jacobian"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
