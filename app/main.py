@@ -7,6 +7,7 @@ package (fastapi-offline) so ``/docs`` works with no internet.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -141,6 +142,20 @@ def install_error_handlers(app: FastAPI) -> None:
         return _problem_response(503, problem(503, "Overloaded", detail))
 
 
+def freeze_startup_heap() -> None:
+    """Collect once, then move every object alive after start-up (torch, FastAPI, the
+    loaded models: about 330,000 tracked objects) out of the garbage collector's reach.
+
+    A full collection walks them all holding the GIL, 195 ms here, on whichever thread
+    happens to trigger it; while four clients sent 1.8 MiB JSON bodies, one
+    ``/health/live`` probe waited 385 ms. After the freeze a full collection only walks
+    what requests allocate (0.0 ms at rest). Frozen objects are still freed by reference
+    counting; only cycles among them would wait, and start-up leaves none (collected
+    first)."""
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application; models load in the lifespan, before the first request."""
     settings = settings or Settings()
@@ -166,6 +181,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             len(registry.failed),
             registry.device,
         )
+        freeze_startup_heap()
         yield
         service.close()
         uploads.close()

@@ -59,3 +59,16 @@ def test_one_json_access_line_per_request_with_its_id(
     assert not_found["route"] == "/models/{name}" and not_found["path"] == "/models/nope"
     assert not_found["status"] == 404 and not_found["model"] is None
     assert not_found["compute_ms"] == 0 and missing.headers["x-compute-time-ms"] == "0.000"
+
+
+def test_the_startup_heap_is_frozen_so_a_full_collection_is_short(client: TestClient) -> None:
+    """After start-up a full garbage collection must not walk torch's and the models'
+    objects while holding the GIL (195 ms before the freeze; a probe waited 385 ms)."""
+    import gc
+    import time
+
+    assert client.get("/health/ready").status_code == 200
+    assert gc.get_freeze_count() > 100_000
+    start = time.perf_counter()
+    gc.collect()
+    assert time.perf_counter() - start < 0.05

@@ -83,7 +83,10 @@ async def post_hessian(
     An int `output_index` gives `[n, n]` per sample, a list of k gives `[k, n, n]`, an
     objective gives `[n, n]`. A batch input `[B, *input_shape]` adds a leading `B`.
     """
-    return _response(await service.run("hessian", request, disconnected=http.is_disconnected))
+    encoded = await service.run(
+        "hessian", request, disconnected=http.is_disconnected, body_bytes=len(await http.body())
+    )
+    return _response(encoded)
 
 
 @router.post(
@@ -103,4 +106,7 @@ async def post_jacobian(
     No `output_index` gives all outputs, `[m, n]` per sample; an int gives the gradient
     `[n]`, a list of k gives `[k, n]`, an objective gives its gradient `[n]`.
     """
-    return _response(await service.run("jacobian", request, disconnected=http.is_disconnected))
+    encoded = await service.run(
+        "jacobian", request, disconnected=http.is_disconnected, body_bytes=len(await http.body())
+    )
+    return _response(encoded)
