@@ -38,7 +38,6 @@ class IsolationLimits:
 
     memory_bytes: int
     timeout_s: float
-    max_unpacked_bytes: int
 
 
 @dataclass(frozen=True)
@@ -56,13 +55,18 @@ class ModelLoadFailed(ValueError):
 
 
 def check_in_child(
-    path: Path, fmt: Format, *, input_shape: list[int], dtype: str, limits: IsolationLimits
+    path: Path,
+    fmt: Format,
+    *,
+    input_shape: list[int],
+    dtype: str,
+    max_unpacked_bytes: int,
+    limits: IsolationLimits,
 ) -> None:
-    """Scan, load and run ``path`` once in a child process; raise ``UnsafeModelFile``
-    (refused, or the child ran out of memory or time) or ``ModelLoadFailed``."""
-    job = _Job(
-        str(path), fmt, list(input_shape), dtype, limits.memory_bytes, limits.max_unpacked_bytes
-    )
+    """Scan (inflating at most ``max_unpacked_bytes``), load and run ``path`` once in a
+    child process; raise ``UnsafeModelFile`` (refused, or the child ran out of memory or
+    time) or ``ModelLoadFailed``."""
+    job = _Job(str(path), fmt, list(input_shape), dtype, limits.memory_bytes, max_unpacked_bytes)
     env = {
         **os.environ,
         "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1",

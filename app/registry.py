@@ -33,7 +33,14 @@ from app.capabilities import Capabilities, probe
 from app.engine import Curvature
 from app.errors import Conflict, InvalidInput, NotFound, NotReady
 from app.isolation import IsolationLimits, check_in_child
-from app.loaders import DEFAULT_FILES, OneSampleAtATime, accepts_batches, freeze, load_module
+from app.loaders import (
+    DEFAULT_FILES,
+    OneSampleAtATime,
+    accepts_batches,
+    freeze,
+    load_checked_module,
+    load_module,
+)
 from app.names import FILE_PATTERN, NAME_PATTERN, VERSION_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -193,7 +200,8 @@ def load_model(
 
     With ``isolation`` (uploads), an archive is first scanned, loaded and run once in a
     child process under those limits (``app.isolation``), and loaded here only if that
-    succeeded.
+    succeeded, without scanning it a second time (inflating a large archive twice);
+    torch's loads here stay weights-only all the same (``app.loaders``).
     """
     manifest = Manifest.model_validate_json((folder / MANIFEST_NAME).read_bytes())
     path = (folder / manifest.file_name).resolve()
@@ -205,14 +213,17 @@ def load_model(
             manifest.format,
             input_shape=manifest.input_shape,
             dtype=manifest.dtype,
+            max_unpacked_bytes=max_unpacked_bytes,
             limits=isolation,
         )
-    module = load_module(
-        path,
-        manifest.format,
-        architecture=manifest.architecture,
-        max_unpacked_bytes=max_unpacked_bytes,
-    )
+        module = load_checked_module(path, manifest.format, architecture=manifest.architecture)
+    else:
+        module = load_module(
+            path,
+            manifest.format,
+            architecture=manifest.architecture,
+            max_unpacked_bytes=max_unpacked_bytes,
+        )
     device = _model_device(manifest.device, device)
     dtype = DTYPES[manifest.dtype]
     module = freeze(module).to(device=device, dtype=dtype)

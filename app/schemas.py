@@ -257,6 +257,10 @@ class Problem(BaseModel):
     )
     limit_bytes: int | None = Field(None, description="413: the limit that was exceeded.")
     estimated_bytes: int | None = Field(None, description="413: the result's size.")
+    json_number_bytes: int | None = Field(
+        None, description="413: the body's bytes outside JSON strings, as counted."
+    )
+    setting: str | None = Field(None, description="413: the setting that holds the limit.")
     retry_after_s: int | None = Field(None, description="503 Overloaded: retry after.")
     failed: list[FailedModelInfo] | None = Field(
         None, description="503 from /health/ready: the model folders that failed to load."

@@ -26,6 +26,7 @@ from app.binary import Encoded
 from app.config import Settings
 from app.engine import Curvature, DerivativeResult, Objective, compute_hessian, compute_jacobian
 from app.errors import ClientClosedRequest, InvalidInput, Overloaded, Timeout, TooLarge
+from app.json_body import INLINE_BODY_BYTES
 from app.metrics import Metrics, current_timing
 from app.registry import LoadedModel, Registry
 from app.schemas import (
@@ -44,10 +45,9 @@ PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 # 0.1-0.3 ms here), and under load the hops were most of a small request's time. Larger
 # ones go to worker threads so that the event loop stays responsive.
 INLINE_ELEMENTS = 1 << 14
-# ... and whose body is at most this large: the declared shape alone says nothing of the
-# data actually sent (a 784-element shape with 94,080 JSON numbers took 10 ms to decode
-# and be refused, on the loop, four at a time). 16 bytes covers a float32 as JSON text.
-INLINE_BODY_BYTES = INLINE_ELEMENTS * 16
+# ... and only when their body was parsed inline too (INLINE_BODY_BYTES): the declared
+# shape alone says nothing of the data sent (a 784-element shape with 94,080 JSON
+# numbers took 10 ms to decode and be refused, on the loop, four at a time).
 
 
 @dataclass(frozen=True)

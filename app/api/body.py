@@ -24,12 +24,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from app.config import Settings
-from app.json_body import parse_json, read_body
+from app.json_body import INLINE_BODY_BYTES, parse_json, read_body
 
-# Bodies up to this size are parsed on the event loop: at most about 0.25 ms of jiter
-# and validation (64 KiB of float32 numbers), one to two hops to a worker thread and
-# back (0.1-0.3 ms each), which would cost the small request as much again.
-INLINE_BODY_BYTES = 1 << 16
 # One parse at a time: a parse holds the GIL throughout, so parallel parses gain nothing,
 # and each more thread waiting for the GIL is one more the event loop queues behind.
 _PARSERS: RunVar[anyio.CapacityLimiter] = RunVar("json_body_parsers")

@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.api.body import INLINE_BODY_BYTES
 from app.api.examples import hessian_examples
 from app.config import Settings
-from app.json_body import bytes_outside_strings
+from app.json_body import INLINE_BODY_BYTES, bytes_outside_strings
 from app.main import create_app
 from tests.device import TEST_DEVICE
 

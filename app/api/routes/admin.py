@@ -164,7 +164,6 @@ def _load(
             isolation=IsolationLimits(
                 memory_bytes=settings.upload_check_memory_bytes,
                 timeout_s=settings.upload_check_timeout_s,
-                max_unpacked_bytes=4 * settings.max_upload_bytes,
             ),
         )
     except UnsafeModelFile as error:
