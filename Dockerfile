@@ -39,9 +39,9 @@ RUN python -m venv "$VIRTUAL_ENV" \
 WORKDIR /src
 # README* is optional: the glob lets the build go on while there is none.
 COPY pyproject.toml README* ./
-COPY app/ ./app/
-# The Python client and the `hessian-service` command install with the service.
-COPY hessian_client/ ./hessian_client/
+COPY hessian_service/ ./hessian_service/
+# The Python client installs with the service (the `hessian-service` command uses it).
+COPY clients/python/hessian_client/ ./clients/python/hessian_client/
 # The torch installed above already satisfies the project's torch range, so
 # pip keeps it; the constraint makes sure no resolver step swaps it out.
 RUN echo "torch==${TORCH_VERSION}" > /tmp/torch-constraint.txt \
@@ -76,7 +76,7 @@ ENV MALLOC_MMAP_THRESHOLD_=4294967296 \
 COPY --from=builder /opt/venv /opt/venv
 
 WORKDIR /app
-COPY models/ /app/models/
+COPY hessian_service/repository/models/ /app/models/
 
 # Numeric, so that runtimes enforcing runAsNonRoot can check it.
 USER 10001:10001
@@ -86,4 +86,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=4); sys.exit(0 if r.status == 200 else 1)"]
 
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["uvicorn", "hessian_service.main:app", "--host", "0.0.0.0", "--port", "8000"]

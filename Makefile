@@ -39,7 +39,7 @@ browser:
 lint: setup-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy app hessian_client bench
+	$(VENV)/bin/mypy hessian_service clients/python/hessian_client bench
 
 pytest: setup-dev browser
 	$(PY) -m pytest

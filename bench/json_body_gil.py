@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from app import codec
-from app.config import Settings
-from app.json_body import bytes_outside_strings, parse_json
-from app.schemas import DerivativeRequest
+from hessian_service.config import Settings
+from hessian_service.wire import codec
+from hessian_service.wire.json_body import bytes_outside_strings, parse_json
+from hessian_service.wire.schemas import DerivativeRequest
 
 STYLES: dict[str, Callable[[np.ndarray], str]] = {
     "float32 repr": lambda x: json.dumps(x.tolist()),

@@ -31,7 +31,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.serving import server
-from hessian_client.local_server import ALLOCATOR_ENV
+from hessian_service.local_server import ALLOCATOR_ENV
 
 
 def bodies(

@@ -36,9 +36,9 @@ from torch.func import hessian as func_hessian
 from torch.func import jacrev, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
-from app import engine
-from app.config import BUNDLED_MODELS_DIR
-from app.zoo import build
+from hessian_service import engine
+from hessian_service.config import BUNDLED_MODELS_DIR
+from hessian_service.repository.zoo import build
 
 OUTPUT_INDEX = 2
 DEVICE = torch.device("cpu")  # set by --device

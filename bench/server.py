@@ -10,10 +10,10 @@ import httpx
 import numpy as np
 import torch
 
-from app import engine
-from app.api.examples import digit_image
 from bench.run import bundled
 from bench.serving import server
+from hessian_service import engine
+from hessian_service.api.examples import digit_image
 
 
 def _decode(response: httpx.Response, encoding: str) -> np.ndarray:

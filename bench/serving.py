@@ -7,15 +7,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from hessian_client.local_server import local_server_process
+from hessian_service.local_server import local_server_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextmanager
 def server(**settings: str) -> Iterator[str]:
-    """``uvicorn app.main:app`` on 127.0.0.1 with HESSIAN_* ``settings`` (ready in 60 s),
-    on the CPU and without access logs, which would be timed with the requests."""
+    """``uvicorn hessian_service.main:app`` on 127.0.0.1 with HESSIAN_* ``settings`` (ready
+    in 60 s), on the CPU and without access logs, which would be timed with the requests."""
     with server_process(**settings) as (url, _process):
         yield url
 

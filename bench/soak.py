@@ -39,13 +39,13 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
+from hessian_client._wire import decode_response
 from torch.func import hessian, jacrev
 
-from app.config import BUNDLED_MODELS_DIR
 from bench.load import Connection, Phase, summary
 from bench.run import bundled
 from bench.serving import server_process
-from hessian_client._wire import decode_response
+from hessian_service.config import BUNDLED_MODELS_DIR
 
 MODELS = ("quadratic4", "linear4", "mlp_tanh", "mlp_relu", "digits_cnn")
 KINDS = ("hessian", "jacobian")

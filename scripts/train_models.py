@@ -1,6 +1,6 @@
 """Train and export the bundled models in ``models/``, reproducibly.
 
-Every bundled model is an architecture from :mod:`app.zoo` plus a ``weights.safetensors``
+Every bundled model is an architecture from :mod:`repository.zoo` plus a ``weights.safetensors``
 file and a ``manifest.json``. The three image models (``digits_cnn``, ``mlp_tanh``,
 ``mlp_relu``) are trained on scikit-learn's bundled 8x8 digits (no download), scaled to
 ``[0, 1]`` and upscaled bilinearly to 28x28; ``linear4`` and ``quadratic4`` have fixed,
@@ -35,12 +35,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # allow ``python scripts/train_models.py``
     sys.path.insert(0, str(REPO_ROOT))
 
-from app.zoo import build  # noqa: E402
+from hessian_service.repository.zoo import build  # noqa: E402
 
 SEED = 0
 SCRIPT = "scripts/train_models.py"
 DATASET = "sklearn.datasets.load_digits upscaled to 28x28"
-DEFAULT_OUT = REPO_ROOT / "models"
+DEFAULT_OUT = REPO_ROOT / "hessian_service" / "repository" / "models"
 SAMPLE_FILE = "digits_sample.json"
 SAMPLE_LABEL = 2
 SAMPLE_DECIMALS = 6

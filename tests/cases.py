@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from app.zoo import Quadratic
+from hessian_service.repository.zoo import Quadratic
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from app.config import Settings
-from app.main import create_app
+from hessian_service.config import Settings
+from hessian_service.main import create_app
 from tests.device import TEST_DEVICE
 
 

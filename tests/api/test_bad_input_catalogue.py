@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.config import BUNDLED_MODELS_DIR, Settings
-from app.main import create_app
+from hessian_service.config import BUNDLED_MODELS_DIR, Settings
+from hessian_service.main import create_app
 from tests import catalogue
 from tests.catalogue import ADMIN_TOKEN, QUAD, Row, check
 from tests.device import TEST_DEVICE

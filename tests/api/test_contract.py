@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app.codec import check_numbers
-from app.errors import InvalidInput, NotReady, Overloaded
-from app.errors import problem_of as body_of
+from hessian_service.errors import InvalidInput, NotReady, Overloaded
+from hessian_service.errors import problem_of as body_of
+from hessian_service.wire.codec import check_numbers
 
 PROBLEM = "application/problem+json"
 X4 = {"name": "x", "shape": [4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.api.examples import digit_image
+from hessian_service.api.examples import digit_image
 
 PROBLEM = "application/problem+json"
 

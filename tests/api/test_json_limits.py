@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.api.examples import hessian_examples
-from app.config import Settings
-from app.json_body import INLINE_BODY_BYTES, bytes_outside_strings
-from app.main import create_app
+from hessian_service.api.examples import hessian_examples
+from hessian_service.config import Settings
+from hessian_service.main import create_app
+from hessian_service.wire.json_body import INLINE_BODY_BYTES, bytes_outside_strings
 from tests.device import TEST_DEVICE
 
 LIMIT = 64 * 1024

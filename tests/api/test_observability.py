@@ -1,6 +1,6 @@
 """Access logs and headers of the in-process app (the real middleware, no server).
 
-One JSON line per request on the ``app.access`` logger, carrying the id that the
+One JSON line per request on the ``hessian_service.access`` logger, carrying the id that the
 response echoes in ``X-Request-Id``; the e2e tests cover /metrics over real HTTP.
 """
 
@@ -26,7 +26,7 @@ class Lines(logging.Handler):
 @pytest.fixture
 def access_lines() -> Iterator[list[dict[str, object]]]:
     handler = Lines()
-    logger = logging.getLogger("app.access")
+    logger = logging.getLogger("hessian_service.access")
     logger.addHandler(handler)
     try:
         yield handler.lines

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app.config import BUNDLED_MODELS_DIR, Settings
-from app.main import create_app
+from hessian_service.config import BUNDLED_MODELS_DIR, Settings
+from hessian_service.main import create_app
 from tests.device import TEST_DEVICE
 
 PROBLEM = "application/problem+json"

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hessian_client.local_server import ServerDidNotStart, local_server
+from hessian_service.local_server import ServerDidNotStart, local_server
 from tests.device import TEST_DEVICE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @contextmanager
 def running_server(**settings: str) -> Iterator[str]:
-    """Start ``uvicorn app.main:app`` on a free port, yield its base URL once it is ready.
+    """Start ``uvicorn hessian_service.main:app`` on a free port; yield its URL once it is ready.
 
     ``settings`` are extra environment variables (e.g. ``HESSIAN_MAX_BODY_BYTES``); the
     device is the one under test. Fails the test with the server's stderr if it exits

@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hessian_client import Client
 from safetensors.torch import load_file
 
-from app import engine, zoo
-from hessian_client import Client
+from hessian_service import engine
+from hessian_service.config import BUNDLED_MODELS_DIR
+from hessian_service.repository import zoo
 from tests.e2e.conftest import ROOT, running_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -120,7 +122,9 @@ def test_bulk_2000_hessians_fail_cleanly_resume_and_match(tmp_path: Path) -> Non
 
         # 3b. Every Hessian against the engine run here on the bundled weights.
         model = zoo.build("mlp_tanh")
-        model.load_state_dict(load_file(str(ROOT / "models" / "mlp_tanh" / "weights.safetensors")))
+        model.load_state_dict(
+            load_file(str(BUNDLED_MODELS_DIR / "mlp_tanh" / "weights.safetensors"))
+        )
         model.eval().requires_grad_(False)
         worst = 0.0
         for start in range(0, SAMPLES, 100):

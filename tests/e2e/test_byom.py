@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
+from hessian_service.config import BUNDLED_MODELS_DIR
 from tests.byom import (
     Branchy,
     Float32Only,
@@ -34,7 +35,7 @@ from tests.byom import (
     torch_save_zip,
     torchscript_bytes,
 )
-from tests.e2e.conftest import ROOT, running_server
+from tests.e2e.conftest import running_server
 from tests.e2e.test_server import decode, digit, problem, tensor
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -461,7 +462,7 @@ def test_a_model_folder_that_fails_is_listed_and_the_others_load(tmp_path: Path)
     models = tmp_path / "models"
     good = models / "quadratic4"
     good.mkdir(parents=True)
-    bundled = ROOT / "models" / "quadratic4"
+    bundled = BUNDLED_MODELS_DIR / "quadratic4"
     for name in ("manifest.json", "weights.safetensors"):
         (good / name).write_bytes((bundled / name).read_bytes())
     marker = tmp_path / "the-payload-ran"

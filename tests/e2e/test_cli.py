@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from hessian_client.local_server import free_port
+from hessian_service.local_server import free_port
 from tests.e2e.conftest import ROOT
 
 pytestmark = pytest.mark.e2e

@@ -22,10 +22,11 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.engine import Objective, compute_hessian, compute_jacobian
-from app.registry import LoadedModel, load_model
+from hessian_service.config import BUNDLED_MODELS_DIR
+from hessian_service.engine import Objective, compute_hessian, compute_jacobian
+from hessian_service.repository.registry import LoadedModel, load_model
 from tests.device import TEST_DEVICE
-from tests.e2e.conftest import ROOT, running_server
+from tests.e2e.conftest import running_server
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +43,7 @@ def batching_url() -> Iterator[str]:
 
 @cache
 def model(name: str) -> LoadedModel:
-    return load_model(ROOT / "models" / name, torch.device("cpu"))
+    return load_model(BUNDLED_MODELS_DIR / name, torch.device("cpu"))
 
 
 def sample(shape: list[int], seed: int) -> np.ndarray:

@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 import pytest
 
-from hessian_client.local_server import ServerDidNotStart, local_server_process
+from hessian_service.local_server import ServerDidNotStart, local_server_process
 from tests.device import TEST_DEVICE
 from tests.e2e.conftest import ROOT
 from tests.timing import slowdown

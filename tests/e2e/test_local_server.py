@@ -1,4 +1,4 @@
-"""``hessian_client.local_server``: the one way scripts, benchmarks and these tests start
+"""``hessian_service.local_server``: the one way scripts, benchmarks and these tests start
 a real server; a server that cannot start is reported with its own error."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from hessian_client.local_server import ServerDidNotStart, local_server
+from hessian_service.local_server import ServerDidNotStart, local_server
 from tests.e2e.conftest import ROOT
 
 pytestmark = pytest.mark.e2e

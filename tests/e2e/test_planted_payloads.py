@@ -23,8 +23,9 @@ import pytest
 import torch
 from torch import nn
 
+from hessian_service.config import BUNDLED_MODELS_DIR
 from tests.byom import torchscript_bytes
-from tests.e2e.conftest import ROOT, running_server
+from tests.e2e.conftest import running_server
 from tests.e2e.test_byom import AUTH, TOKEN, register
 from tests.e2e.test_server import decode, problem, tensor
 from tests.unit.test_archives import _framing_attacks
@@ -81,7 +82,7 @@ def test_planted_payloads_in_the_models_folder_never_run(tmp_path: Path) -> None
     good = models / "quadratic4"
     good.mkdir(parents=True)
     for name in ("manifest.json", "weights.safetensors"):
-        (good / name).write_bytes((ROOT / "models" / "quadratic4" / name).read_bytes())
+        (good / name).write_bytes((BUNDLED_MODELS_DIR / "quadratic4" / name).read_bytes())
     marker = tmp_path / "the-payload-ran"
     for index, (fmt, data, _) in enumerate(_framing_attacks(marker).values()):
         folder = models / f"planted{index}"

@@ -18,9 +18,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
-
 from hessian_client import AsyncClient, Client, HessianServiceError
-from hessian_client.local_server import free_port
+
+from hessian_service.local_server import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -29,7 +29,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import ROOT, running_server
+from hessian_service.config import BUNDLED_MODELS_DIR
+from tests.e2e.conftest import running_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -45,7 +46,7 @@ PHASES = ("examples", "coverage", "fuzzing", "stateful")
 def throwaway_models(tmp_path: Path) -> dict[str, str]:
     """Server settings for a copy of the bundled models and an upload folder in tmp_path."""
     models = tmp_path / "models"
-    shutil.copytree(ROOT / "models", models)
+    shutil.copytree(BUNDLED_MODELS_DIR, models)
     uploads = tmp_path / "uploads"
     uploads.mkdir()
     return {"HESSIAN_MODELS_DIR": str(models), "HESSIAN_UPLOAD_DIR": str(uploads)}

@@ -17,8 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app import zoo
-from tests.e2e.conftest import LIMITED_MAX_BODY_BYTES, LIMITED_MAX_RESULT_BYTES, ROOT
+from hessian_service.config import BUNDLED_MODELS_DIR
+from hessian_service.repository import zoo
+from tests.e2e.conftest import LIMITED_MAX_BODY_BYTES, LIMITED_MAX_RESULT_BYTES
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +31,7 @@ NUMPY_DTYPES = {"FP32": "<f4", "FP64": "<f8"}
 @cache
 def digit() -> list[float]:
     """The held-out handwritten 2 shipped with the models, 784 numbers."""
-    sample = json.loads((ROOT / "models" / "digits_sample.json").read_text())
+    sample = json.loads((BUNDLED_MODELS_DIR / "digits_sample.json").read_text())
     assert sample["shape"] == [1, 1, 28, 28]
     assert len(sample["data"]) == 784
     return [float(v) for v in sample["data"]]
@@ -169,7 +170,7 @@ def test_quadratic4_hessian_and_jacobian(client: httpx.Client) -> None:
 def reference_cnn_hessian() -> np.ndarray:
     """d^2 logit_2 / dx^2 of digits_cnn at the sample digit, in float64, 784 x 784."""
     model = zoo.build("digits_cnn")
-    model.load_state_dict(load_file(str(ROOT / "models" / "digits_cnn" / "weights.safetensors")))
+    model.load_state_dict(load_file(str(BUNDLED_MODELS_DIR / "digits_cnn" / "weights.safetensors")))
     model = model.to(torch.float64).eval()
     model.requires_grad_(False)
     x = torch.tensor(digit(), dtype=torch.float64).reshape(1, 1, 28, 28)

@@ -16,8 +16,8 @@ import tritonclient.http as triton
 from safetensors.torch import load_file
 from tritonclient.utils import InferenceServerException
 
-from app import zoo
-from tests.e2e.conftest import ROOT
+from hessian_service.config import BUNDLED_MODELS_DIR
+from hessian_service.repository import zoo
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +32,7 @@ def triton_client(server_url: str) -> Iterator[triton.InferenceServerClient]:
 def local_logits(x: np.ndarray) -> np.ndarray:
     """digits_cnn's forward pass, loaded here from its weights (not through the server)."""
     model = zoo.build("digits_cnn")
-    model.load_state_dict(load_file(str(ROOT / "models" / "digits_cnn" / "weights.safetensors")))
+    model.load_state_dict(load_file(str(BUNDLED_MODELS_DIR / "digits_cnn" / "weights.safetensors")))
     with torch.no_grad():
         return model.eval()(torch.from_numpy(x)).numpy()
 

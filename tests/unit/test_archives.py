@@ -18,8 +18,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from app.archives import UnsafeModelFile, check_model_file, pickle_globals, pickle_streams
-from app.loaders import WEIGHTS_ONLY_SWITCH, load_checked_module
+from hessian_service.repository.archives import (
+    UnsafeModelFile,
+    check_model_file,
+    pickle_globals,
+    pickle_streams,
+)
+from hessian_service.repository.loaders import WEIGHTS_ONLY_SWITCH, load_checked_module
 from tests.byom import (
     Payload,
     SoftMLP,
@@ -262,7 +267,7 @@ def test_the_legacy_payload_is_live_without_the_weights_only_switch(
 def test_a_payload_the_scanner_ignores_still_never_runs(tmp_path: Path, member: str) -> None:
     """Defence in depth: the loader itself, with the scanner skipped, on a payload that
     torch.export.load retries with weights_only=False. TORCH_FORCE_WEIGHTS_ONLY_LOAD (set
-    by app.loaders) turns the retry into a weights-only load, which refuses it."""
+    by repository.loaders) turns the retry into a weights-only load, which refuses it."""
     marker = tmp_path / "ran"
     exported = export_bytes(seeded(SoftMLP()), torch.randn(2, 6), dynamic_batch=True)
     evil = with_entry_replaced(exported, member, legacy_torch_save(marker))
@@ -324,7 +329,7 @@ def test_scanning_a_large_member_streams_it(tmp_path: Path) -> None:
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forked parent.
     probe = (
         "import sys; from pathlib import Path; "
-        "from app.archives import check_model_file; "
+        "from hessian_service.repository.archives import check_model_file; "
         "check_model_file(Path(sys.argv[1]), 'torchscript', max_unpacked_bytes=1 << 30); "
         "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
     )

@@ -1,4 +1,4 @@
-"""app.batching: merging, size and delay limits, slicing, cancellation, a full queue.
+"""serving.batching: merging, size and delay limits, slicing, cancellation, a full queue.
 
 The batches run the real engine (``compute_jacobian`` / ``compute_hessian``) on small
 networks; every caller's slice is checked against the same computation done alone, in
@@ -17,8 +17,14 @@ import pytest
 import torch
 from torch import nn
 
-from app.batching import Abandoned, Batcher, BatchStats, DeadlineExceeded, QueueFull
-from app.engine import compute_hessian
+from hessian_service.engine import compute_hessian
+from hessian_service.serving.batching import (
+    Abandoned,
+    Batcher,
+    BatchStats,
+    DeadlineExceeded,
+    QueueFull,
+)
 
 N = 5
 

@@ -1,6 +1,6 @@
 """The binary framing both ways, the client's files, and its retry delays.
 
-The server's encoder (``app.binary``) and the client's decoder (``hessian_client._wire``)
+The server's encoder (``wire.binary``) and the client's decoder (``hessian_client._wire``)
 are written separately; each test checks one against the other and against numpy's and
 safetensors' own readers, value for value.
 """
@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file, save_file
-
-from app import binary, codec
-from app.errors import InvalidInput
 from hessian_client._retry import RetryPolicy, retry_after_seconds
 from hessian_client._wire import HEADER_LENGTH, HessianServiceError, decode_response
 from hessian_client.files import Inputs, OutputFile, save
+from safetensors.numpy import load_file, save_file
+
+from hessian_service.errors import InvalidInput
+from hessian_service.wire import binary, codec
 
 TENSORS = {
     "fp32": torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7,

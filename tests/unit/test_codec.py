@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from app import codec
-from app.errors import InvalidInput
-from app.schemas import TensorObject
+from hessian_service.errors import InvalidInput
+from hessian_service.wire import codec
+from hessian_service.wire.schemas import TensorObject
 
 
 @pytest.mark.parametrize("datatype", sorted(codec.TORCH_DTYPES))

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app import engine
-from app.engine import Objective
-from app.zoo import build
+from hessian_service import engine
+from hessian_service.engine import Objective
+from hessian_service.repository.zoo import build
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -161,7 +161,7 @@ def test_dockerfile_runtime_settings() -> None:
     cmd = [rest for keyword, rest in pairs if keyword == "CMD"][-1]
     assert json.loads(cmd) == [
         "uvicorn",
-        "app.main:app",
+        "hessian_service.main:app",
         "--host",
         "0.0.0.0",
         "--port",
@@ -196,7 +196,7 @@ def test_dockerignore_keeps_the_context_small() -> None:
     }
     for required in (".git", ".venv", "tests", "bench", "**/__pycache__", ".pytest_cache"):
         assert required in entries, f".dockerignore should exclude {required}"
-    for needed in ("app", "models", "pyproject.toml"):
+    for needed in ("hessian_service", "clients", "pyproject.toml"):
         assert needed not in entries, f".dockerignore must not exclude {needed}"
 
 
@@ -222,7 +222,7 @@ def _assert_models_mounted(service: dict[str, Any]) -> None:
     ]
     assert mounts, "./models is not mounted at /app/models"
     assert mounts[0]["type"] == "bind"
-    assert Path(mounts[0]["source"]) == REPO / "models"
+    assert Path(mounts[0]["source"]) == REPO / "hessian_service" / "repository" / "models"
     assert mounts[0].get("read_only") is True
 
 

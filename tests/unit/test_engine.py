@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app import engine
-from app.engine import Curvature, Objective, classify
-from app.engine.planner import plan_hessian, plan_jacobian
-from app.zoo import Quadratic
+from hessian_service import engine
+from hessian_service.engine import Curvature, Objective, classify
+from hessian_service.engine.planner import plan_hessian, plan_jacobian
+from hessian_service.repository.zoo import Quadratic
 from tests.cases import (
     Case,
     build_case,

@@ -1,4 +1,4 @@
-"""The JSON-body reader (``app.json_body``): the count outside strings, the limit, the parser.
+"""The JSON-body reader (``wire.json_body``): the count outside strings, the limit, the parser.
 
 The count is checked against a reference that never scans bytes: ``json.dumps`` writes
 a value, and the bytes outside strings are the text's length less the length of every
@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.json_body import (
+from hessian_service.wire.json_body import (
     JSON_NUMBER_SETTING,
     MAX_STRING_EVENTS,
     JsonNumbersTooLarge,

@@ -19,8 +19,8 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys
     import torch
-    from app import engine
-    from app.zoo import build
+    from hessian_service import engine
+    from hessian_service.repository.zoo import build
 
     method, budget = sys.argv[1], int(sys.argv[2])
     torch.manual_seed(0)

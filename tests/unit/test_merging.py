@@ -1,4 +1,4 @@
-"""app.merging with the real service and engine: merged = each request computed alone.
+"""serving.merging with the real service and engine: merged = each request computed alone.
 
 Requests are prepared by the real ``DerivativeService`` on bundled models; the ones that
 share a batch key are computed as one batch (``compute_batch``) and each slice is
@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from app import merging
-from app.config import BUNDLED_MODELS_DIR, Settings
-from app.registry import Registry
-from app.schemas import DerivativeRequest
-from app.service import DerivativeService, PreparedRequest
+from hessian_service.config import BUNDLED_MODELS_DIR, Settings
+from hessian_service.repository.registry import Registry
+from hessian_service.serving import merging
+from hessian_service.serving.service import DerivativeService, PreparedRequest
+from hessian_service.wire.schemas import DerivativeRequest
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,19 @@ import pytest
 import torch
 from torch import nn
 
-from app.capabilities import MAX_PROBE_HESSIAN_ENTRIES, curvature_of, probe
-from app.config import Settings
-from app.engine import Curvature, Objective, compute_hessian, compute_jacobian
-from app.errors import Conflict, InvalidInput, NotFound
-from app.registry import LoadedModel, Manifest, Registry, load_model, version_key
-from app.schemas import DerivativeRequest
-from app.service import DerivativeService
+from hessian_service.config import Settings
+from hessian_service.engine import Curvature, Objective, compute_hessian, compute_jacobian
+from hessian_service.errors import Conflict, InvalidInput, NotFound
+from hessian_service.repository.capabilities import MAX_PROBE_HESSIAN_ENTRIES, curvature_of, probe
+from hessian_service.repository.registry import (
+    LoadedModel,
+    Manifest,
+    Registry,
+    load_model,
+    version_key,
+)
+from hessian_service.serving.service import DerivativeService
+from hessian_service.wire.schemas import DerivativeRequest
 from tests.byom import (
     Branchy,
     Float32Only,

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from app import engine
-from app.engine import Objective
-from app.engine.structured import ELEMENTWISE, elementwise_derivatives, parse
+from hessian_service import engine
+from hessian_service.engine import Objective
+from hessian_service.engine.structured import ELEMENTWISE, elementwise_derivatives, parse
 
 # Every supported elementwise non-linearity but the clipped ones (flat almost everywhere
 # on random inputs, so they would test little).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.engine.symmetric import MIN_SIZE, symmetric_matmul
+from hessian_service.engine.symmetric import MIN_SIZE, symmetric_matmul
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.zoo import build
+from hessian_service.repository.zoo import build
 from scripts.train_models import (
     ALL_MODELS,
     IMAGE_MODELS,
@@ -25,7 +25,7 @@ from scripts.train_models import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-COMMITTED = REPO_ROOT / "models"
+COMMITTED = REPO_ROOT / "hessian_service" / "repository" / "models"
 
 pytestmark = pytest.mark.slow
 

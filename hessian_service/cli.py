@@ -1,0 +1,226 @@
+"""The ``hessian-service`` command: ``serve``, ``models``, ``jacobian``, ``hessian``.
+
+``serve`` starts the service (what ``make serve`` runs). The other commands talk to a
+running server with the Python client: ``hessian --model quadratic4 --input x.npy
+--output-index 2 --out h.npy`` writes the Hessian at ``x`` to ``h.npy``. An input shaped
+like the model's input is one sample (the file holds one matrix); ``[N, *input_shape]``
+is N samples, sent in batches with a progress bar on stderr, streamed to the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hessian_client._wire import HessianServiceError
+
+from hessian_service.local_server import ALLOCATOR_ENV, uvicorn_command
+
+DEFAULT_URL = os.environ.get("HESSIAN_URL", "http://127.0.0.1:8000")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Exec uvicorn on ``hessian_service.main:app`` with the allocator settings in its environment
+    (glibc reads them at process start, so they cannot be set from inside)."""
+    env = {**ALLOCATOR_ENV, **os.environ}
+    options = ["--workers", str(args.workers)] if args.workers > 1 else []
+    if args.no_access_log:
+        options.append("--no-access-log")
+    os.execve(sys.executable, uvicorn_command(args.host, args.port, options), env)
+    return 0  # pragma: no cover - execve does not return
+
+
+def _models(args: argparse.Namespace) -> int:
+    from hessian_client.client import Client
+
+    with Client(args.url, retries=args.retries) as client:
+        models = client.models()
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    print(f"{'name':<16} {'version':<8} {'input':<14} {'outputs':<8} ready")
+    for model in models:
+        shape = "x".join(map(str, model.get("input_shape") or [])) or "-"
+        outputs = "x".join(map(str, model.get("output_shape") or [])) or "-"
+        print(
+            f"{model['name']:<16} {model['version']:<8} {shape:<14} {outputs:<8} {model['ready']}"
+        )
+    return 0
+
+
+def _read_whole(path: Path) -> Any:
+    """One sample's file, whole (it is small: one input)."""
+    import numpy as np
+
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        (array,) = load_file(str(path)).values()
+        return array
+    return np.load(path, allow_pickle=False)
+
+
+def _derivative(args: argparse.Namespace) -> int:
+    from hessian_client.client import Client
+    from hessian_client.files import Inputs, save
+
+    objective = json.loads(args.objective) if args.objective else None
+    index = args.output_index
+    output_index = index[0] if index and len(index) == 1 else index
+    options = {
+        "output_index": output_index,
+        "objective": objective,
+        "layout": args.layout,
+        "precision": args.precision,
+    }
+    with Client(args.url, retries=args.retries) as client:
+        sample_shape = list(client.model(args.model)["input_shape"])
+        inputs = Inputs(args.input)
+        if list(inputs.shape) == sample_shape:  # one sample: one request, one matrix
+            result = client.compute(args.command, args.model, _read_whole(args.input), **options)
+            path = save(args.out, result.value, args.command)
+        else:
+            bulk = client.bulk_hessian if args.command == "hessian" else client.bulk_jacobian
+            path = bulk(
+                args.model,
+                args.input,
+                out=args.out,
+                batch_size=args.batch_size,
+                concurrency=args.concurrency,
+                progress=not args.no_progress,
+                resume=args.resume,
+                **options,
+            )
+    print(path, file=sys.stderr)
+    return 0
+
+
+def _derivative_parser(commands: Any, kind: str, summary: str) -> None:
+    parser = commands.add_parser(
+        kind,
+        help=summary,
+        description=f"{summary}. The input file is one sample shaped like the model's "
+        "input (the output file then holds one matrix), or N samples [N, *input_shape] "
+        "(sent in batches, streamed to the output file, with a progress bar on stderr).",
+    )
+    parser.add_argument("--model", required=True, help="a model's name (see `models`)")
+    parser.add_argument(
+        "--input", required=True, type=Path, help="input .npy (or .safetensors, one tensor)"
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output file: .npy, or .safetensors (one tensor named after the command); "
+        "written as <out>.partial and renamed when complete",
+    )
+    parser.add_argument(
+        "--output-index",
+        type=int,
+        nargs="+",
+        metavar="I",
+        help="index (or indices) into the flattened per-sample output"
+        + (
+            "; required unless the model has one output or --objective is given"
+            if kind == "hessian"
+            else "; default: all outputs"
+        ),
+    )
+    parser.add_argument(
+        "--objective",
+        metavar="JSON",
+        help='a scalar built on the output instead of --output-index, e.g. \'{"type": '
+        '"cross_entropy", "target": 3}\' (sum, log_softmax, mse, cross_entropy)',
+    )
+    parser.add_argument(
+        "--layout",
+        choices=["matrix", "tensor"],
+        default="matrix",
+        help="matrix: n x n with n = prod(input_shape) (default); tensor: input_shape + "
+        "input_shape",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["float32", "float64"],
+        default="float32",
+        help="compute dtype, and the output file's (default float32)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="samples per request (default 16)"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=2, help="requests in flight at once (default 2)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from <out>.partial (same input and options)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _client_options(parser)
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url", default=DEFAULT_URL, help=f"the server (default $HESSIAN_URL or {DEFAULT_URL})"
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=4,
+        help="tries again after 429/503 or a lost connection, with backoff (default 4)",
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line's parser (every option explained in --help)."""
+    root = argparse.ArgumentParser(
+        prog="hessian-service",
+        description="Exact Jacobians and Hessians of neural networks w.r.t. their inputs: "
+        "run the server, or call one.",
+    )
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="run the server (what `make serve` runs)",
+        description="Run the service with uvicorn (hessian_service.main:app). Settings come from "
+        "HESSIAN_* environment variables (see the README); glibc's allocator is told to "
+        "keep freed pages unless MALLOC_* variables are already set.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument("--no-access-log", action="store_true", help="no per-request log")
+    models = commands.add_parser(
+        "models",
+        help="list the server's models",
+        description="List the server's models: name, version, input and output shapes.",
+    )
+    models.add_argument("--json", action="store_true", help="print the full JSON instead")
+    _client_options(models)
+    _derivative_parser(commands, "jacobian", "Jacobians of a model's outputs at the inputs")
+    _derivative_parser(commands, "hessian", "Hessians of a model's output at the inputs")
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``hessian-service``; exit status 1 with the server's message on
+    errors."""
+    args = parser().parse_args(argv)
+    handlers = {"serve": _serve, "models": _models, "jacobian": _derivative, "hessian": _derivative}
+    try:
+        return handlers[args.command](args)
+    except HessianServiceError as exc:
+        print(f"hessian-service {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

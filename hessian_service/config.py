@@ -1,0 +1,85 @@
+"""Service settings, read from the environment with the ``HESSIAN_`` prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The bundled models ship inside the package, so an installed wheel serves them too.
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parent / "repository" / "models"
+MiB = 1 << 20
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set; every limit is checked before work starts."""
+
+    model_config = SettingsConfigDict(env_prefix="HESSIAN_", extra="ignore")
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where models run: auto picks CUDA when it is available."
+    )
+    models_dir: Path = Field(BUNDLED_MODELS_DIR, description="Folder of model folders.")
+    ready_requires: Literal["any", "all"] = Field(
+        "any",
+        description="What /health/ready (and /v2/health/ready) needs to answer 200: any: "
+        "at least one model can serve; all: every model folder found loaded, none failed.",
+    )
+    max_body_bytes: int = Field(64 * MiB, gt=0, description="Largest request body accepted.")
+    max_json_number_bytes: int = Field(
+        2 * MiB,
+        gt=0,
+        description="Most bytes of a JSON body outside its string literals (numbers and "
+        "their punctuation). One parse holds the GIL for all of them, 5-13 ms a MiB "
+        "(bench/json_body_gil.py), so this bounds how long one request stalls the others; "
+        "base64 and binary data do not count and may fill max_body_bytes.",
+    )
+    max_result_bytes: int = Field(
+        512 * MiB, gt=0, description="Largest result (all matrices of one request) computed."
+    )
+    memory_budget_bytes: int = Field(
+        1024 * MiB, gt=0, description="Working memory one computation may plan for."
+    )
+    max_samples_per_request: int = Field(256, gt=0, description="Largest batch in one request.")
+    max_output_indices: int = Field(64, gt=0, description="Longest output_index list.")
+    torch_threads: int | None = Field(
+        None, gt=0, description="torch intra-op threads; default: torch's own choice."
+    )
+    # Model management (POST/DELETE /models): off unless a token is set.
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of the model-management API; unset: the API answers 403.",
+    )
+    max_upload_bytes: int = Field(
+        512 * MiB, gt=0, description="Largest POST /models body (manifest and file)."
+    )
+    upload_check_memory_bytes: int = Field(
+        3 << 30,
+        gt=0,
+        description="Address space of the child process that scans, loads and runs an "
+        "uploaded archive once before the server loads it (hessian_service.repository.isolation).",
+    )
+    upload_check_timeout_s: float = Field(
+        120.0, gt=0, description="Time that child process may take; then it is killed."
+    )
+    upload_dir: Path | None = Field(
+        None,
+        description="Where uploaded models are stored and reloaded from at start-up; "
+        "unset: a temporary folder, so uploads last until the process stops.",
+    )
+    # Concurrency (hessian_service.serving.batching): merging, backpressure, deadlines, access log.
+    max_batch_size: int = Field(
+        32, gt=0, description="Most samples merged into one computation; 1 turns merging off."
+    )
+    max_batch_delay_ms: float = Field(
+        2.0, ge=0, description="Longest a request waits for others to merge with."
+    )
+    max_queue: int = Field(
+        64, gt=0, description="Most requests waiting to compute; more get 503 + Retry-After."
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="Per-request deadline for queueing and computing (504)."
+    )
+    access_log: bool = Field(True, description="One JSON line per request on stderr.")

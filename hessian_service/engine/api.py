@@ -1,0 +1,492 @@
+"""The engine's public surface: input Jacobians and Hessians of any ``nn.Module``.
+
+``model`` takes one batched tensor; ``x`` is a batch ``[B, *sample_shape]``. Results are
+flat matrices over ``n = prod(sample_shape)`` inputs: ``hessian`` gives ``[B, n, n]``
+(``[B, k, n, n]`` for a list of ``k`` output indices) and ``jacobian`` gives ``[B, m, n]``.
+Arguments are checked before any computation and errors start with the function's name,
+as in ``torch.func``. The HTTP service calls exactly these functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import ParamSpec, TypeVar
+
+import torch
+from torch import nn
+
+from hessian_service.engine import generic, rowloop, structured
+from hessian_service.engine.objectives import Objective
+from hessian_service.engine.planner import (
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    Plan,
+    plan_hessian,
+    plan_jacobian,
+    plan_structured_hessian,
+    plan_structured_jacobian,
+)
+
+# "autograd": the per-row torch.autograd loop (hessian_service.engine.rowloop), for models that
+# torch.func transforms cannot run (the registry's capability probe picks it).
+HESSIAN_METHODS = ("auto", "structured", "generic", "autograd")
+JACOBIAN_METHODS = ("auto", "structured", "generic", "autograd")
+ROW_LOOP = "autograd:row-loop"
+OutputIndex = int | Sequence[int] | None
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+# torch's forward-mode AD levels are process-wide, not per thread: two threads running
+# jvp at once corrupt each other's levels ("Trying to access a forward AD level with an
+# invalid index"). The entry points below, and anything else in the process that runs
+# torch.func transforms (the registry's load-time probe), hold this lock.
+AUTODIFF_LOCK = threading.RLock()
+
+
+def _serialized(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    @functools.wraps(function)
+    def locked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with AUTODIFF_LOCK:
+            return function(*args, **kwargs)
+
+    return locked
+
+
+@dataclass(frozen=True)
+class DerivativeResult:
+    """A computed derivative with what a caller needs to describe it.
+
+    ``matrix`` is ``[B, k, n, n]`` (Hessian) or ``[B, k, n]`` (Jacobian), where ``k`` is the
+    number of selected scalars; ``output`` is the model's output at ``x``, ``[B, *out]``.
+    """
+
+    matrix: torch.Tensor
+    output: torch.Tensor
+    method: str
+    plan: Plan
+    squeeze_scalars: bool
+
+    @property
+    def selected(self) -> torch.Tensor:
+        """``matrix`` as the caller asked for it: without the ``k`` axis for one int index
+        or an objective (``[B, n, n]`` / ``[B, n]``), with it for a list of indices."""
+        return self.matrix[:, 0] if self.squeeze_scalars else self.matrix
+
+
+@dataclass(frozen=True)
+class _Selection:
+    indices: torch.Tensor | None  # raw outputs to select, or None for an objective
+    objective: Objective | None
+    squeeze: bool  # one int index (or an objective): drop the k axis
+
+    @property
+    def count(self) -> int:
+        return 1 if self.indices is None else int(self.indices.numel())
+
+
+def _select(
+    api: str, output_index: OutputIndex, objective: Objective | None, m: int, *, default_all: bool
+) -> _Selection:
+    if objective is not None:
+        if output_index is not None:
+            raise ValueError(f"{api}: give output_index or objective, not both")
+        return _Selection(indices=None, objective=objective, squeeze=True)
+    if output_index is None:
+        if default_all:
+            return _Selection(torch.arange(m), None, squeeze=False)
+        if m == 1:
+            return _Selection(torch.zeros(1, dtype=torch.long), None, squeeze=True)
+        raise ValueError(
+            f"{api}: output_index is required when the model has {m} outputs "
+            "(or give an objective that reduces them to one scalar)"
+        )
+    indices = [output_index] if isinstance(output_index, int) else list(output_index)
+    if not indices:
+        raise ValueError(f"{api}: output_index must not be an empty list")
+    for index in indices:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < m:
+            raise ValueError(f"{api}: output_index {index!r} is out of range for {m} outputs")
+    if objective is None and isinstance(output_index, int):
+        return _Selection(torch.tensor(indices), None, squeeze=True)
+    return _Selection(torch.tensor(indices), None, squeeze=False)
+
+
+def _check_input(api: str, model: nn.Module, x: torch.Tensor) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{api}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError(f"{api}: x must be a batch [B, *sample_shape] with at least 2 dims")
+    if not x.is_floating_point():
+        raise ValueError(f"{api}: x must be a floating-point tensor, got {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{api}: x must hold at least one sample")
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """What one forward pass of one sample says about a model: its per-sample output
+    shape and how many activation elements that pass creates (for memory planning)."""
+
+    output_shape: tuple[int, ...]
+    activation_numel: int
+
+
+# Probes depend on the model and the input's shape, dtype and device only; they are kept
+# as long as the model lives, so repeated requests skip the extra forward pass.
+_PROBES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], _Probe]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _takes_no_hooks(model: nn.Module) -> bool:
+    """TorchScript modules (anywhere inside) refuse forward hooks."""
+    return any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
+
+
+def _saved_tensor_numel(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The output, and the elements autograd saves for the backward pass of one forward:
+    the activation memory of a model whose layers cannot be hooked."""
+    numel = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal numel
+        numel += tensor.numel()
+        return tensor
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        output = model(x.detach().requires_grad_(True))
+    return output.detach(), numel
+
+
+def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
+    key = (tuple(x.shape[1:]), x.dtype, x.device)
+    known = _PROBES.setdefault(model, {})
+    if key in known:
+        return known[key]
+    numel = 0
+
+    def count(_module: nn.Module, _inputs: object, output: object) -> None:
+        nonlocal numel
+        if isinstance(output, torch.Tensor):
+            numel += output.numel()
+
+    if _takes_no_hooks(model):
+        output, numel = _saved_tensor_numel(model, x[:1])
+        known[key] = _Probe(tuple(output.shape[1:]), max(numel, int(output.numel())))
+        return known[key]
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            output = model(x[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    known[key] = _Probe(tuple(output.shape[1:]), max(numel, int(output.numel())))
+    return known[key]
+
+
+def _selected(out: torch.Tensor, target: torch.Tensor, selection: _Selection) -> torch.Tensor:
+    """The selected scalars ``[k]`` of one sample's flat output."""
+    if selection.objective is None:
+        assert selection.indices is not None
+        return out.index_select(0, selection.indices.to(out.device))
+    value: torch.Tensor = selection.objective.scalar(out, target)
+    return value.unsqueeze(0)
+
+
+def _scalars_fn(model: nn.Module, selection: _Selection) -> generic.ScalarsFn:
+    def scalars(sample: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = model(sample.unsqueeze(0)).reshape(-1)
+        return _selected(out, target, selection)
+
+    return scalars
+
+
+def _scalars_with_output_fn(model: nn.Module, selection: _Selection) -> generic.ScalarsWithOutputFn:
+    def scalars(sample: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out: torch.Tensor = model(sample.unsqueeze(0)).reshape(-1)
+        return _selected(out, target, selection), out.detach()
+
+    return scalars
+
+
+def _targets(selection: _Selection, batch: int, m: int, x: torch.Tensor) -> torch.Tensor:
+    objective = selection.objective
+    if objective is None:
+        return torch.zeros(batch, dtype=x.dtype, device=x.device)
+    return objective.per_sample_targets(batch, m).to(x.device)
+
+
+def _check_method(api: str, method: str, methods: tuple[str, ...]) -> None:
+    if method not in methods:
+        raise ValueError(f"{api}: method must be one of {methods}, got {method!r}")
+
+
+def _output_count(model: nn.Module, x: torch.Tensor) -> int:
+    return math.prod(_probe(model, x).output_shape)
+
+
+def _structured_network(
+    api: str, model: nn.Module, x: torch.Tensor, method: str
+) -> structured.Network | None:
+    skip_structured = method in ("generic", "autograd")
+    network = None if skip_structured else structured.parse(model, tuple(x.shape[1:]))
+    if method == "structured" and network is None:
+        raise ValueError(
+            f"{api}: method='structured' supports Sequential networks of Conv1d/2d, "
+            "AvgPool1d/2d, BatchNorm, Flatten, Linear, Dropout and elementwise "
+            "non-linearities; use method='auto' to fall back to the generic path"
+        )
+    return network
+
+
+def _in_chunks(
+    batch_chunk: int,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    compute: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``compute`` on chunks of samples (never of matrix rows).
+
+    Each chunk's results are written straight into preallocated outputs, so the peak is
+    the result plus one chunk's working memory (a concatenation would hold it twice).
+    """
+    batch = x.shape[0]
+    first = compute(x[:batch_chunk], targets[:batch_chunk])
+    if batch_chunk >= batch:
+        return first
+    outputs = tuple(piece.new_empty(batch, *piece.shape[1:]) for piece in first)
+    for out, piece in zip(outputs, first, strict=True):
+        out[:batch_chunk] = piece
+    del first
+    for start in range(batch_chunk, batch, batch_chunk):
+        stop = start + batch_chunk
+        for out, piece in zip(outputs, compute(x[start:stop], targets[start:stop]), strict=True):
+            out[start:stop] = piece
+    return outputs[0], outputs[1]
+
+
+def _generic_hessian(
+    scalars: generic.ScalarsFn, x: torch.Tensor, targets: torch.Tensor, plan: Plan
+) -> torch.Tensor:
+    def chunk(xs: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return generic.hessian(scalars, xs, ts, plan), ts
+
+    return _in_chunks(plan.batch_chunk, x, targets, chunk)[0]
+
+
+@_serialized
+def compute_hessian(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    output_index: OutputIndex = None,
+    objective: Objective | None = None,
+    method: str = "auto",
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+) -> DerivativeResult:
+    """Input Hessians of selected outputs (or of an objective) for each sample of ``x``.
+
+    ``method``: ``auto`` (structured when the network supports it, else generic),
+    ``structured``, ``generic`` or ``autograd`` (a per-row loop, for models that
+    torch.func cannot transform). ``memory_budget_bytes`` bounds the working memory: it
+    sets how many samples (and, on the generic path, basis vectors) are processed at
+    once; a smaller budget is slower, never different.
+    """
+    _check_input("hessian", model, x)
+    _check_method("hessian", method, HESSIAN_METHODS)
+    network = _structured_network("hessian", model, x, method)
+    batch, n = x.shape[0], int(x[0].numel())
+    if network is not None:
+        m = _output_count(model, x)
+        selection = _select("hessian", output_index, objective, m, default_all=False)
+        plan = plan_structured_hessian(
+            n=n,
+            batch=batch,
+            itemsize=x.element_size(),
+            memory_budget_bytes=memory_budget_bytes,
+            num_scalars=selection.count,
+        )
+        scalar = selection.objective.scalar if selection.objective is not None else None
+
+        def structured_chunk(
+            xs: torch.Tensor, ts: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return structured.hessian_of(
+                network, xs, indices=selection.indices, objective=scalar, targets=ts
+            )
+
+        with torch.no_grad():
+            matrix, flat_output = _in_chunks(
+                plan.batch_chunk, x, _targets(selection, batch, m, x), structured_chunk
+            )
+        return _result(matrix, _shaped_output(model, x, flat_output), plan, selection)
+    probe = _probe(model, x)
+    with torch.no_grad():
+        output = model(x)
+    m = math.prod(probe.output_shape)
+    selection = _select("hessian", output_index, objective, m, default_all=False)
+    plan = plan_hessian(
+        n=n,
+        batch=batch,
+        activation_numel=probe.activation_numel,
+        itemsize=x.element_size(),
+        memory_budget_bytes=memory_budget_bytes,
+        num_scalars=selection.count,
+    )
+    targets = _targets(selection, batch, m, x)
+    scalars = _scalars_fn(model, selection)
+    if method == "autograd":
+        matrix = rowloop.hessian(scalars, x, targets)
+        return _result(matrix, output, replace(plan, method=ROW_LOOP), selection)
+    with torch.no_grad():
+        try:
+            matrix = _generic_hessian(scalars, x, targets, plan)
+        except NotImplementedError:  # an operator without forward-mode AD of its backward
+            plan = replace(plan, method="generic:reverse-over-reverse")
+            matrix = _generic_hessian(scalars, x, targets, plan)
+    return _result(matrix, output, plan, selection)
+
+
+@_serialized
+def compute_jacobian(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    output_index: OutputIndex = None,
+    objective: Objective | None = None,
+    method: str = "auto",
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+) -> DerivativeResult:
+    """Input Jacobians of selected outputs (all by default) for each sample of ``x``.
+
+    Structured (one batched backward pass of the selected one-hot rows) when the network
+    supports it and there are no more rows than inputs; otherwise the generic path in
+    reverse or forward mode, whichever needs fewer passes.
+    """
+    _check_input("jacobian", model, x)
+    _check_method("jacobian", method, JACOBIAN_METHODS)
+    network = _structured_network("jacobian", model, x, method)
+    batch, n = x.shape[0], int(x[0].numel())
+    if network is not None and objective is None:
+        m = math.prod(_probe(model, x).output_shape)
+        selection = _select("jacobian", output_index, objective, m, default_all=True)
+        if selection.count <= n:
+            assert selection.indices is not None
+            plan = plan_structured_jacobian(
+                n=n,
+                batch=batch,
+                rows=selection.count,
+                itemsize=x.element_size(),
+                memory_budget_bytes=memory_budget_bytes,
+            )
+            indices = selection.indices
+
+            def structured_chunk(
+                xs: torch.Tensor, _ts: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                return structured.jacobian_of(network, xs, indices=indices)
+
+            with torch.no_grad():
+                matrix, flat_output = _in_chunks(
+                    plan.batch_chunk, x, x.new_zeros(batch), structured_chunk
+                )
+            return _result(matrix, _shaped_output(model, x, flat_output), plan, selection)
+    probe = _probe(model, x)
+    m = math.prod(probe.output_shape)
+    selection = _select("jacobian", output_index, objective, m, default_all=True)
+    plan = plan_jacobian(
+        n=n,
+        rows=selection.count,
+        batch=batch,
+        activation_numel=probe.activation_numel,
+        itemsize=x.element_size(),
+        memory_budget_bytes=memory_budget_bytes,
+    )
+    scalars = _scalars_with_output_fn(model, selection)
+    targets = _targets(selection, batch, m, x)
+    if method == "autograd":
+        matrix, flat_output = rowloop.jacobian(scalars, x, targets)
+        plan = replace(plan, method=ROW_LOOP)
+        return _result(matrix, flat_output.reshape(batch, *probe.output_shape), plan, selection)
+    with torch.no_grad():
+        if plan.method == "generic:reverse" and selection.indices is not None:
+            cotangents = torch.eye(m, dtype=x.dtype, device=x.device)[selection.indices]
+            matrix, flat_output = generic.jacobian_of_outputs(
+                lambda sample: model(sample.unsqueeze(0)).reshape(-1), x, cotangents, plan
+            )
+            return _result(matrix, flat_output.reshape(batch, *probe.output_shape), plan, selection)
+        try:
+            matrix, flat_output = generic.jacobian(scalars, x, targets, plan)
+        except NotImplementedError:  # an operator without forward-mode AD
+            if plan.method == "generic:reverse":
+                raise
+            plan = replace(
+                plan,
+                method="generic:reverse",
+                basis_chunk=min(plan.basis_chunk, selection.count),
+                basis=selection.count,
+            )
+            matrix, flat_output = generic.jacobian(scalars, x, targets, plan)
+    return _result(matrix, flat_output.reshape(batch, *probe.output_shape), plan, selection)
+
+
+def _result(
+    matrix: torch.Tensor, output: torch.Tensor, plan: Plan, selection: _Selection
+) -> DerivativeResult:
+    return DerivativeResult(
+        matrix=matrix,
+        output=output,
+        method=plan.method,
+        plan=plan,
+        squeeze_scalars=selection.squeeze,
+    )
+
+
+def _shaped_output(model: nn.Module, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """The structured path's flat ``[B, m]`` output in the model's own output shape."""
+    return flat.reshape(flat.shape[0], *_probe(model, x).output_shape)
+
+
+def hessian(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    output_index: OutputIndex = None,
+    objective: Objective | None = None,
+    method: str = "auto",
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+) -> torch.Tensor:
+    """``[B, n, n]`` for one output index or an objective, ``[B, k, n, n]`` for a list of k."""
+    return compute_hessian(
+        model,
+        x,
+        output_index=output_index,
+        objective=objective,
+        method=method,
+        memory_budget_bytes=memory_budget_bytes,
+    ).selected
+
+
+def jacobian(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    output_index: OutputIndex = None,
+    objective: Objective | None = None,
+    method: str = "auto",
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+) -> torch.Tensor:
+    """``[B, m, n]`` for all outputs (or a list of m indices), ``[B, n]`` for one index."""
+    return compute_jacobian(
+        model,
+        x,
+        output_index=output_index,
+        objective=objective,
+        method=method,
+        memory_budget_bytes=memory_budget_bytes,
+    ).selected

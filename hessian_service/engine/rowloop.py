@@ -1,0 +1,56 @@
+"""The last-resort derivative path: plain ``torch.autograd``, one row at a time.
+
+Some models cannot go through ``torch.func`` transforms (a TorchScript model with
+data-dependent control flow fails under ``vmap``, for one). This path needs nothing but
+reverse-mode autograd: per sample, one ``autograd.grad`` per Jacobian row and, for a
+Hessian, one more per row of the gradient. It is slow (the classic loop the service
+exists to avoid) and used only when the model's capability probe found that the
+vectorized paths do not work. Unused inputs give exact zeros, never an error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hessian_service.engine.generic import ScalarsFn, ScalarsWithOutputFn
+
+
+def _grad(output: torch.Tensor, wrt: torch.Tensor, *, create_graph: bool) -> torch.Tensor:
+    if not output.requires_grad:  # the output does not depend on the input at all
+        return torch.zeros_like(wrt)
+    (gradient,) = torch.autograd.grad(
+        output, wrt, retain_graph=True, create_graph=create_graph, allow_unused=True
+    )
+    return torch.zeros_like(wrt) if gradient is None else gradient
+
+
+def hessian(scalars: ScalarsFn, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Hessians ``[B, k, n, n]`` of the ``k`` scalars of each sample of ``x`` (``[B, *S]``)."""
+    sample_shape = x.shape[1:]
+    per_sample = []
+    with torch.enable_grad():
+        for sample, target in zip(x, targets, strict=True):
+            flat = sample.reshape(-1).detach().requires_grad_(True)
+            values = scalars(flat.reshape(sample_shape), target)
+            matrices = []
+            for value in values:
+                gradient = _grad(value, flat, create_graph=True)
+                rows = [_grad(entry, flat, create_graph=False) for entry in gradient]
+                matrices.append(torch.stack(rows))
+            per_sample.append(torch.stack(matrices))
+    return torch.stack(per_sample).detach()
+
+
+def jacobian(
+    scalars: ScalarsWithOutputFn, x: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jacobians ``[B, k, n]`` of the ``k`` scalars of each sample, and the flat outputs."""
+    sample_shape = x.shape[1:]
+    matrices, outputs = [], []
+    with torch.enable_grad():
+        for sample, target in zip(x, targets, strict=True):
+            flat = sample.reshape(-1).detach().requires_grad_(True)
+            values, output = scalars(flat.reshape(sample_shape), target)
+            matrices.append(torch.stack([_grad(v, flat, create_graph=False) for v in values]))
+            outputs.append(output.detach())
+    return torch.stack(matrices).detach(), torch.stack(outputs)

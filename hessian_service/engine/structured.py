@@ -1,0 +1,952 @@
+"""The structured derivative path for layered networks: exact, dense-matmul only.
+
+For a network of affine maps and elementwise non-linearities, the input Hessian of a
+scalar ``s`` is exactly (DESIGN.md)
+
+    H = J_out^T H_obj J_out + sum_l J_l^T diag(g_l * sigma_l''(z_l)) J_l
+
+where ``z_l`` is the input of non-linearity ``l``, ``J_l = dz_l/dx`` and ``g_l`` the
+gradient of ``s`` with respect to that non-linearity's output. A network is split at its
+first ``Linear`` into
+
+- a *head* (convolutions, average pooling, batch norm, elementwise functions, flatten):
+  every unit there depends only on its receptive field, a small patch of the input, so
+  its Jacobian is kept as one small dense patch per unit (``Patches``) and its Hessian
+  term is a ``K x K`` block per position, scattered into ``H`` -- never an ``n x n``
+  product. Up to the second convolution the patches factor as a per-unit scale times
+  the first kernel, so that convolution's patches are one convolution of the scale with
+  a composed kernel, and the first layer's blocks are one product;
+- a *tail* (Linear, BatchNorm1d, elementwise functions): its curvature is propagated
+  backward in each layer's width (``W^T H W``; ``diag(s') H diag(s') + diag(g s'')``)
+  down to the output of the first ``Linear``, ``H_h``, and enters ``H`` once as
+  ``A^T H_h A`` with ``A = W_1 J_u`` the Jacobian of that output.
+
+So an MLP costs a few products in its hidden widths plus one ``n x h x n`` product, and a
+CNN costs its receptive-field blocks. Anything else is not supported here: ``parse``
+returns None and the caller falls back to the generic path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import grad, hessian, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.weak import WeakIdKeyDictionary
+
+from hessian_service.engine.structure import computes_as
+from hessian_service.engine.symmetric import symmetric_matmul
+
+ELEMENTWISE: tuple[type[nn.Module], ...] = (
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+)
+PASS_THROUGH: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout)
+BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+SPATIAL: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.AvgPool1d, nn.AvgPool2d)
+SUPPORTED: tuple[type[nn.Module], ...] = (
+    *ELEMENTWISE,
+    *PASS_THROUGH,
+    *BATCHNORMS,
+    *SPATIAL,
+    nn.Flatten,
+    nn.Linear,
+)
+
+# Up to this many rows of the first Linear are pulled back through the head by
+# broadcasting; more go through einsum's batched matmul (measured on 2 CPU cores).
+SMALL_HEAD_ROWS = 32
+
+# One sample's flattened output and its target row -> the objective's scalar value.
+ObjectiveFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Network:
+    """A supported network: ``head`` up to the first Linear, ``tail`` from it on."""
+
+    head: list[nn.Module]
+    tail: list[nn.Module]
+
+
+def _leaves(model: nn.Module) -> list[nn.Module]:
+    """The layers of nested plain ``nn.Sequential`` containers, in order; any other
+    module (a Sequential subclass with its own forward, as a residual block, included)
+    is one leaf."""
+    if isinstance(model, nn.Sequential) and computes_as(model, (nn.Sequential,)):
+        return [leaf for child in model for leaf in _leaves(child)]
+    return [model]
+
+
+def _pair(value: int | tuple[int, ...] | str) -> tuple[int, int] | None:
+    if isinstance(value, str):
+        return None
+    values = (value,) if isinstance(value, int) else tuple(value)
+    return (values * 2)[:2] if len(values) == 1 else (values[0], values[1])
+
+
+def _spatial_supported(layer: nn.Module, rank: int) -> bool:
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        expected_rank = 2 if isinstance(layer, nn.Conv1d) else 3
+        return (
+            rank == expected_rank
+            and layer.groups == 1
+            and all(d == 1 for d in layer.dilation)
+            and layer.padding_mode == "zeros"
+            and not isinstance(layer.padding, str)
+        )
+    if isinstance(layer, nn.AvgPool1d):
+        return rank == 2 and not layer.ceil_mode and layer.count_include_pad
+    if isinstance(layer, nn.AvgPool2d):
+        return (
+            rank == 3
+            and not layer.ceil_mode
+            and layer.count_include_pad
+            and layer.divisor_override is None
+        )
+    return False
+
+
+def parse(model: nn.Module, sample_shape: tuple[int, ...]) -> Network | None:
+    """Split a supported network into head and tail; None when this path cannot run it.
+
+    Supported: (nested) ``nn.Sequential`` in eval mode of Conv1d/Conv2d (zero padding, no
+    groups or dilation), AvgPool1d/2d, BatchNorm1d/2d, Flatten, Linear, Identity, Dropout
+    and elementwise non-linearities, where every Linear sees a flat per-sample vector;
+    each computing what its torch class does (no overridden forward, no forward hooks).
+    """
+    layers = _leaves(model)
+    if not all(computes_as(layer, SUPPORTED) for layer in layers):
+        return None
+    first_linear = next(
+        (i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear)), len(layers)
+    )
+    rank = len(sample_shape)  # 1: [n], 2: [C, L], 3: [C, H, W]
+    flat = rank == 1
+    for position, layer in enumerate(layers):
+        if layer.training and isinstance(layer, (*PASS_THROUGH, *BATCHNORMS)):
+            return None
+        if isinstance(layer, ELEMENTWISE + PASS_THROUGH):
+            continue
+        if isinstance(layer, nn.Flatten):
+            if layer.start_dim != 1 or layer.end_dim != -1:
+                return None
+            flat = True
+        elif isinstance(layer, BATCHNORMS):
+            if layer.running_var is None or layer.running_mean is None:
+                return None
+            if isinstance(layer, nn.BatchNorm2d) and (flat or rank != 3):
+                return None
+        elif isinstance(layer, nn.Linear):
+            if not flat:
+                return None
+        elif position >= first_linear or flat or not _spatial_supported(layer, rank):
+            return None
+    return Network(layers[:first_linear], layers[first_linear:])
+
+
+def _run(layer: nn.Module, activation: torch.Tensor, *, observed: bool = True) -> torch.Tensor:
+    """``layer(activation)``, leaving ``activation`` as it was: an in-place activation
+    (``nn.ReLU(inplace=True)``, ``nn.ELU(inplace=True)``, ...) would overwrite the
+    pre-activation its derivatives are taken at, or a leaf that autograd needs.
+
+    ``observed=False`` calls ``forward`` itself, past module-wide hooks, for the
+    engine's own derivative probes: the layers have no hooks of their own (``parse``
+    takes only layers that ``computes_as`` their class),
+    and an observing tool's hooks (``FlopCounterMode``'s module tracker) would count the
+    probe and break its ``autograd.grad``."""
+    source = activation.clone() if getattr(layer, "inplace", False) else activation
+    output: torch.Tensor = layer(source) if observed else layer.forward(source)
+    return output
+
+
+Derivatives = tuple[torch.Tensor, torch.Tensor | None]  # sigma'(z), sigma''(z) or None
+
+
+def elementwise_derivatives(
+    layer: nn.Module, z: torch.Tensor, output: torch.Tensor | None = None
+) -> Derivatives:
+    """``sigma'(z)`` and ``sigma''(z)`` of an elementwise module; the second is None
+    where it is zero everywhere (piecewise-linear layers), so callers skip its terms.
+
+    Closed forms for tanh, sigmoid and ReLU, from ``output = sigma(z)`` when the caller
+    has it (the forward pass does: tanh of a CNN activation is not cheap to recompute).
+    Otherwise double backward: elementwise means a diagonal Jacobian, so the gradient
+    of ``sum(sigma(z))`` is exactly ``sigma'(z)`` and the gradient of ``sum(sigma'(z))``
+    is ``sigma''(z)``.
+    """
+    if type(layer) is nn.Tanh:
+        t = torch.tanh(z) if output is None else output
+        first = 1 - t.square()
+        return first, first.mul(t).mul_(-2)
+    if type(layer) is nn.Sigmoid:
+        s = torch.sigmoid(z) if output is None else output
+        first = s * (1 - s)
+        return first, first * (1 - 2 * s)
+    if type(layer) is nn.ReLU:
+        return (z > 0).to(z.dtype), None
+    with torch.enable_grad():
+        at = z.detach().requires_grad_(True)
+        probe = _run(layer, at, observed=False)
+        (first,) = torch.autograd.grad(probe.sum(), at, create_graph=True)
+        if not first.requires_grad:  # piecewise linear: no second derivative
+            return first.detach(), None
+        (second,) = torch.autograd.grad(first.sum(), at, allow_unused=True)
+    if second is None or not bool(second.any()):
+        return first.detach(), None
+    return first.detach(), second.detach()
+
+
+def _batchnorm_scale(layer: nn.Module, units: tuple[int, int, int]) -> torch.Tensor:
+    """The eval-mode scale of a batch norm, shaped [C, H, W] (or [C, 1, 1]) to broadcast."""
+    assert isinstance(layer, _BatchNorm)
+    running_var, weight = layer.get_buffer("running_var"), layer.weight
+    scale = torch.rsqrt(running_var + layer.eps)
+    if weight is not None:
+        scale = scale * weight
+    if scale.numel() == units[0]:
+        return scale.reshape(-1, 1, 1)
+    return scale.reshape(units)
+
+
+def _canonical(shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
+    """A per-sample shape as units [C, H, W]: [n] -> [1, 1, n], [C, L] -> [C, 1, L].
+
+    A flat input is one channel of ``n`` positions, so its identity patches are ``n``
+    one-entry patches rather than one ``n x n`` identity: nothing of size ``n^2`` is built
+    per call, and a non-linearity before the first Linear has ``1 x 1`` Hessian blocks
+    (its diagonal) instead of one dense ``n x n`` block."""
+    if len(shape) == 1:
+        return (1, 1, shape[0])
+    if len(shape) == 2:
+        return (shape[0], 1, shape[1])
+    if len(shape) == 3:
+        return (shape[0], shape[1], shape[2])
+    raise ValueError(f"structured: unsupported sample shape {tuple(shape)}")
+
+
+# Patch geometry depends only on shapes, so its index and mask tensors are cached across calls.
+_INDEX_CACHE: dict[tuple[object, ...], torch.Tensor] = {}
+_PAIRS_CACHE: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+# Composed kernels depend on two weights only, so one is kept per convolution weight
+# (weakly, by identity) with copies of both weights it was built from: reused only
+# while they compare equal, which also catches changes made through ``.data``.
+_COMPOSED_CACHE = WeakIdKeyDictionary()
+
+
+@dataclass(frozen=True)
+class _ComposedEntry:
+    weight: torch.Tensor
+    base: torch.Tensor
+    first_stride: tuple[int, int]
+    kernel: torch.Tensor
+
+    def matches(self, weight: torch.Tensor, base: torch.Tensor, stride: tuple[int, int]) -> bool:
+        return (
+            stride == self.first_stride
+            and base.shape == self.base.shape
+            and torch.equal(weight, self.weight)
+            and torch.equal(base, self.base)
+        )
+
+
+def _composed_kernel(
+    weight: torch.Tensor, base: torch.Tensor, first_stride: tuple[int, int]
+) -> torch.Tensor:
+    """``Q[(o, c0, u, v), c, i, j] = W[o, c, i, j] K[c, c0, u - S i, v - S j]`` as a conv2d
+    weight ``[o * c0 * gh * gw, c, kh, kw]`` (see ``Patches._composed_window``)."""
+    # A Conv1d weight arrives as a fresh 4-D view each call: key on the tensor it views.
+    owner = weight if weight._base is None else weight._base
+    cached: _ComposedEntry | None = _COMPOSED_CACHE.get(owner)  # type: ignore[no-untyped-call]
+    if cached is not None and cached.matches(weight, base, first_stride):
+        return cached.kernel
+    out_channels, channels, kh, kw = weight.shape
+    _, c0, rh, rw = base.shape
+    Sh, Sw = first_stride
+    grown = (rh + (kh - 1) * Sh, rw + (kw - 1) * Sw)
+    # [o, c, i, j, c0, a, b]: every tap's weight times the first window's kernel
+    products = weight.reshape(out_channels, channels, kh, kw, 1, 1, 1) * base.reshape(
+        1, channels, 1, 1, c0, rh, rw
+    )
+    composed = weight.new_zeros(out_channels, c0, *grown, channels, kh, kw)
+    for i in range(kh):
+        for j in range(kw):
+            composed[:, :, Sh * i : Sh * i + rh, Sw * j : Sw * j + rw, :, i, j] = products[
+                :, :, i, j
+            ].permute(0, 2, 3, 4, 1)
+    kernel = composed.reshape(-1, channels, kh, kw)
+    _COMPOSED_CACHE[owner] = _ComposedEntry(weight.clone(), base.clone(), first_stride, kernel)
+    return kernel
+
+
+@dataclass
+class Patches:
+    """The Jacobian of a head activation ``[C, H, W]`` with respect to the input.
+
+    Unit ``(c, y, x)`` depends only on the input patch whose origin is
+    ``(stride * (y, x) - offset)``, of size ``size``, over all input channels; ``values``
+    holds those local Jacobians, ``[B or 1, C, H, W, C0, rh, rw]``. ``identity`` marks the
+    input itself (no layer applied yet), so products with it can be skipped.
+
+    ``values`` is ``base`` times the per-unit factor ``pending`` (``[B or 1, C, H, W]``,
+    or None), multiplied out only when something reads ``values``: the scaling by the
+    last non-linearity's derivative is often never read (the next convolution uses
+    ``factored``, and the patches after the last one are read only when the tail has
+    curvature). Shapes, dtype and device come from ``base`` (its batch dim may be 1).
+    """
+
+    base: torch.Tensor
+    input_units: tuple[int, int, int]
+    stride: tuple[int, int] = (1, 1)
+    offset: tuple[int, int] = (0, 0)
+    identity: bool = True
+    # After one window over the input and per-unit scalings only, ``values`` factor as
+    # ``scale[b, c, y, x] * kernel[c, c0, i, j] * inside[y, x, i, j]``; kept as
+    # ``(kernel, scale or None)`` so the next convolution and this layer's Hessian
+    # blocks can use the factors (``_composed_window``, ``_add_blocks``).
+    factored: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    pending: torch.Tensor | None = None
+    _indices: torch.Tensor | None = field(default=None, repr=False)
+    _pairs: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def values(self) -> torch.Tensor:
+        if self.pending is not None:
+            factor = self.pending
+            self.base = self.base * factor.reshape(*factor.shape[:4], 1, 1, 1)
+            self.pending = None
+        return self.base
+
+    @values.setter
+    def values(self, values: torch.Tensor) -> None:
+        self.base, self.pending = values, None
+
+    @classmethod
+    def of_input(cls, units: tuple[int, int, int], like: torch.Tensor) -> Patches:
+        channels, height, width = units
+        eye = torch.eye(channels, dtype=like.dtype, device=like.device)
+        values = eye.reshape(1, channels, 1, 1, channels, 1, 1).expand(
+            1, channels, height, width, channels, 1, 1
+        )
+        return cls(base=values, input_units=units)
+
+    @property
+    def units(self) -> tuple[int, int, int]:
+        return (self.base.shape[1], self.base.shape[2], self.base.shape[3])
+
+    @property
+    def patch(self) -> int:
+        """K: the number of input entries one unit can depend on."""
+        return int(self.base.shape[4] * self.base.shape[5] * self.base.shape[6])
+
+    def scaled(self, factor: torch.Tensor) -> Patches:
+        """``diag(factor) J`` for a per-unit factor ``[B or 1, C, H, W]`` (applied when
+        ``values`` is read)."""
+        pending = factor if self.pending is None else self.pending * factor
+        factored = None
+        if self.factored is not None:
+            kernel, scale = self.factored
+            factored = (kernel, factor if scale is None else scale * factor)
+        return Patches(
+            self.base,
+            self.input_units,
+            self.stride,
+            self.offset,
+            identity=False,
+            factored=factored,
+            pending=pending,
+        )
+
+    def through_window(self, window: Window) -> Patches:
+        """Through a convolution or an average pool."""
+        if self.identity:
+            return self._first_window(window)
+        if self.factored is not None and window.weight is not None:
+            return self._composed_window(window.weight, window)
+        weight, (kh, kw) = window.weight, window.kernel
+        (sh, sw), (ph, pw), (oh, ow) = window.stride, window.padding, window.out_hw
+        Sh, Sw = self.stride
+        batch, channels, _, _, c0, rh, rw = self.values.shape
+        taps = kh * kw
+        # Zero padding of the activation is zero padding of its patches.
+        padded = F.pad(self.values, (0, 0, 0, 0, 0, 0, pw, pw, ph, ph))
+        grown = self._grown(window)
+        # Tap (i, j) sees the units at (stride * (y, x) + (i, j)) of the padded activation:
+        # one strided view per tap, laid out [taps, rh, rw, B, oh, ow, c0, C] so that the
+        # channel mix is one batched matmul and its result has the units innermost.
+        windows = torch.stack(
+            [
+                padded[
+                    :, :, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw
+                ].permute(5, 6, 0, 2, 3, 4, 1)
+                for i in range(kh)
+                for j in range(kw)
+            ]
+        )
+        if weight is None:  # average pooling: per channel, equal weights
+            out_channels, mixed = channels, windows / taps
+        else:  # [taps, rh * rw * B * oh * ow * c0, C] @ [taps, C, Co]
+            out_channels = weight.shape[0]
+            per_tap = weight.reshape(out_channels, channels, taps).permute(2, 1, 0)
+            mixed = torch.bmm(windows.reshape(taps, -1, channels), per_tap)
+        # Tap (i, j)'s patch lands at offset (Sh * i, Sw * j) of the grown patch: one
+        # add of contiguous unit rows per tap.
+        units = mixed.numel() // (taps * rh * rw)
+        folded = mixed.new_zeros(*grown, units)
+        for tap, contribution in enumerate(mixed.reshape(taps, rh, rw, -1).unbind(0)):
+            i, j = divmod(tap, kw)
+            folded[Sh * i : Sh * i + rh, Sw * j : Sw * j + rw] += contribution
+        new = (
+            folded.reshape(*grown, batch, oh, ow, c0, out_channels)
+            .permute(2, 6, 3, 4, 5, 0, 1)
+            .contiguous()
+        )
+        return self._after(window, new)
+
+    def _grown(self, window: Window) -> tuple[int, int]:
+        """The patch extent after ``window``: each tap shifts by this patch's stride."""
+        (kh, kw), (Sh, Sw) = window.kernel, self.stride
+        rh, rw = self.base.shape[5], self.base.shape[6]
+        return (rh + (kh - 1) * Sh, rw + (kw - 1) * Sw)
+
+    def _after(
+        self,
+        window: Window,
+        values: torch.Tensor,
+        factored: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> Patches:
+        """The patches of ``window``'s output, holding ``values``: strides multiply and
+        the padding shifts the origin, in input units."""
+        (Sh, Sw), (sh, sw), (ph, pw) = self.stride, window.stride, window.padding
+        return Patches(
+            values,
+            self.input_units,
+            (Sh * sh, Sw * sw),
+            (self.offset[0] + Sh * ph, self.offset[1] + Sw * pw),
+            identity=False,
+            factored=factored,
+        )
+
+    def _first_window(self, window: Window) -> Patches:
+        """The first window over the input itself: each unit's local Jacobian is the
+        kernel (``1 / taps`` per channel for pooling), zeroed where it covers padding."""
+        kh, kw = window.kernel
+        channels = self.input_units[0]
+        like = self.base
+        if window.weight is None:
+            eye = torch.eye(channels, dtype=like.dtype, device=like.device) / (kh * kw)
+            kernel_values = eye.reshape(channels, channels, 1, 1).expand(-1, -1, kh, kw)
+        else:
+            kernel_values = window.weight
+        new = self._after(
+            window,
+            kernel_values.reshape(1, kernel_values.shape[0], 1, 1, channels, kh, kw),
+            factored=(kernel_values, None),
+        )
+        new.values = new.values * new.inside_mask(window.out_hw, (kh, kw))
+        return new
+
+    def _composed_window(self, weight: torch.Tensor, window: Window) -> Patches:
+        """A convolution after a factored first window, as ONE convolution of the scale.
+
+        The new unit ``(o, y, x)`` sees input offset ``(u, v)`` of its grown patch through
+        ``sum_{c, i, j} W[o, c, i, j] scale[c, s y + i, s x + j] K[c, c0, u - S i, v - S j]``
+        (``S`` the first window's stride), and whether ``(u, v)`` lies inside the input
+        does not depend on the tap. So the composed kernel
+        ``Q[(o, c0, u, v), c, i, j] = W[o, c, i, j] K[c, c0, u - S i, v - S j]`` applied to
+        the scale with this layer's stride and padding gives every local Jacobian at
+        once; the padding's zeros in the scale stand for the zero-padded activation.
+        """
+        base, scale = self.factored if self.factored is not None else (None, None)
+        assert base is not None
+        channels, c0 = base.shape[:2]
+        grown = self._grown(window)
+        composed = _composed_kernel(weight, base, self.stride)
+        if scale is None:
+            scale = weight.new_ones(1, channels, *self.base.shape[2:4])
+        mixed = F.conv2d(scale, composed, stride=window.stride, padding=window.padding)
+        values = (
+            mixed.reshape(-1, weight.shape[0], c0, *grown, *window.out_hw)
+            .permute(0, 1, 5, 6, 2, 3, 4)
+            .contiguous()  # the units' layout, which the blocks and later windows read
+        )
+        new = self._after(window, values)
+        new.values = values.mul_(new.inside_mask(window.out_hw, grown))
+        return new
+
+    def block_mask(self) -> torch.Tensor:
+        """``inside[p, i] * inside[p, j]`` for every position's ``K x K`` block,
+        ``[P, K, K]`` (cached)."""
+        height, width, c0, rh, rw = self.base.shape[2:7]
+        key: tuple[object, ...] = ("block", self.input_units, self.stride, self.offset)
+        key += (self.base.shape[2:], self.base.dtype, self.base.device)
+        if key not in _INDEX_CACHE:
+            if len(_INDEX_CACHE) >= 64:
+                _INDEX_CACHE.clear()
+            inside = self.inside_mask((height, width), (rh, rw)).reshape(height * width, 1, -1)
+            inside = inside.expand(-1, c0, -1).reshape(height * width, -1)  # every channel
+            _INDEX_CACHE[key] = inside.unsqueeze(2) * inside.unsqueeze(1)
+        return _INDEX_CACHE[key]
+
+    def inside_mask(self, out_hw: tuple[int, int], extent: tuple[int, int]) -> torch.Tensor:
+        """1 where a patch entry lies inside the input, 0 over its zero padding,
+        ``[1, 1, oh, ow, 1, rh, rw]`` (cached: it depends on the geometry only)."""
+        (oh, ow), (rh, rw) = out_hw, extent
+        like = self.base
+        key: tuple[object, ...] = ("inside", self.input_units, self.stride, self.offset)
+        key += (extent, out_hw, like.dtype, like.device)
+        if key not in _INDEX_CACHE:
+            if len(_INDEX_CACHE) >= 64:
+                _INDEX_CACHE.clear()
+            rows, cols = self._inside(oh, rh, 0), self._inside(ow, rw, 1)
+            mask = rows.reshape(oh, 1, rh, 1) & cols.reshape(1, ow, 1, rw)
+            _INDEX_CACHE[key] = mask.reshape(1, 1, oh, ow, 1, rh, rw).to(like.dtype)
+        return _INDEX_CACHE[key]
+
+    def _inside(self, size: int, extent: int, axis: int) -> torch.Tensor:
+        """Whether each (output position, patch offset) along ``axis`` (0: rows, 1:
+        columns) falls inside the input rather than on its zero padding, ``[size, extent]``."""
+        device = self.base.device
+        starts = torch.arange(size, device=device) * self.stride[axis] - self.offset[axis]
+        coordinate = starts.reshape(-1, 1) + torch.arange(extent, device=device).reshape(1, -1)
+        return (coordinate >= 0) & (coordinate < self.input_units[1 + axis])
+
+    def indices(self) -> torch.Tensor:
+        """Flat input index of every patch entry, ``[P, K]``.
+
+        Entries over the zero padding hold exactly zero (the padding's zeros propagate
+        through every layer), so they are pointed at index 0, where adding them is a no-op.
+        """
+        if self._indices is None:
+            key: tuple[object, ...] = (self.input_units, self.stride, self.offset)
+            key += (tuple(self.base.shape[1:]), str(self.base.device))
+            if key not in _INDEX_CACHE:
+                if len(_INDEX_CACHE) >= 64:
+                    _INDEX_CACHE.clear()
+                _INDEX_CACHE[key] = self._compute_indices()
+            self._indices = _INDEX_CACHE[key]
+        return self._indices
+
+    def pairs(self, n: int) -> torch.Tensor:
+        """Flat index into an ``n x n`` matrix of every entry of every position's
+        ``K x K`` block, ``[P * K * K]``."""
+        if self._pairs is None:
+            index = self.indices()
+            key = (id(index), n)
+            if key not in _PAIRS_CACHE or _PAIRS_CACHE[key][0] is not index:
+                if len(_PAIRS_CACHE) >= 64:
+                    _PAIRS_CACHE.clear()
+                pairs = (index.unsqueeze(2) * n + index.unsqueeze(1)).reshape(-1)
+                _PAIRS_CACHE[key] = (index, pairs)
+            self._pairs = _PAIRS_CACHE[key][1]
+        return self._pairs
+
+    def _compute_indices(self) -> torch.Tensor:
+        c0, hin, win = self.input_units
+        _, _, height, width, _, rh, rw = self.base.shape
+        device = self.base.device
+        ys = torch.arange(height, device=device) * self.stride[0] - self.offset[0]
+        xs = torch.arange(width, device=device) * self.stride[1] - self.offset[1]
+        rows = ys.reshape(-1, 1, 1, 1, 1) + torch.arange(rh, device=device).reshape(1, 1, 1, -1, 1)
+        cols = xs.reshape(1, -1, 1, 1, 1) + torch.arange(rw, device=device).reshape(1, 1, 1, 1, -1)
+        channel = torch.arange(c0, device=device).reshape(1, 1, -1, 1, 1)
+        valid = (rows >= 0) & (rows < hin) & (cols >= 0) & (cols < win)
+        flat = channel * (hin * win) + rows * win + cols
+        valid = valid.expand(height, width, c0, rh, rw).reshape(height * width, -1)
+        flat = torch.where(
+            valid, flat.expand(height, width, c0, rh, rw).reshape(height * width, -1), 0
+        )
+        return flat
+
+
+@dataclass
+class _Curvature:
+    """The Hessian w.r.t. the current tail activation, ``[B, k, d, d]``: zero, diagonal
+    ``[B, k, d]`` or dense -- whichever is exact and cheapest."""
+
+    dense: torch.Tensor | None = None
+    diagonal: torch.Tensor | None = None
+
+    def through_linear(self, weight: torch.Tensor) -> None:
+        if self.diagonal is not None:  # (W^T diag) laid out contiguously: no copy in matmul
+            self.dense = symmetric_matmul(weight.t() * self.diagonal.unsqueeze(-2), weight)
+            self.diagonal = None
+        elif self.dense is not None:
+            self.dense = symmetric_matmul(weight.transpose(-1, -2), self.dense @ weight)
+
+    def scale(self, factor: torch.Tensor) -> None:
+        """``diag(factor) H diag(factor)``."""
+        if self.diagonal is not None:
+            self.diagonal = self.diagonal * factor * factor
+        elif self.dense is not None:  # always a fresh product here, so scaled in place
+            self.dense.mul_(factor.unsqueeze(-1)).mul_(factor.unsqueeze(-2))
+
+    def add_diagonal(self, values: torch.Tensor) -> None:
+        if self.dense is not None:  # always a fresh product here, so updated in place
+            self.dense.diagonal(dim1=-2, dim2=-1).add_(values)
+        elif self.diagonal is not None:
+            self.diagonal = self.diagonal + values
+        else:
+            self.diagonal = values
+
+    @property
+    def is_zero(self) -> bool:
+        """True when no curvature has reached this activation (a raw output so far)."""
+        return self.dense is None and self.diagonal is None
+
+    def sandwich(self, a: torch.Tensor) -> torch.Tensor | None:
+        """``A^T H A`` for ``A [B or 1, h, n]``, or None when H is zero."""
+        a = a.unsqueeze(1)
+        if self.diagonal is not None:
+            return symmetric_matmul(a.transpose(-1, -2), a * self.diagonal.unsqueeze(-1))
+        if self.dense is not None:  # (A^T H) first: a contiguous left side, ~2% faster
+            return symmetric_matmul(a.transpose(-1, -2) @ self.dense, a)
+        return None
+
+
+@dataclass
+class _Forward:
+    """What the backward passes need from one forward pass."""
+
+    output: torch.Tensor  # [B, m]
+    head_inputs: list[torch.Tensor] = field(default_factory=list)  # each layer's input
+    head_patches: list[Patches | None] = field(default_factory=list)  # J of elementwise inputs
+    head_output_shapes: list[torch.Size] = field(default_factory=list)  # per sample
+    # (sigma'(z), sigma''(z) or None) of each elementwise head layer, None for others
+    head_derivatives: list[Derivatives | None] = field(default_factory=list)
+    tail_inputs: list[torch.Tensor] = field(default_factory=list)
+    patches: Patches | None = None  # J of the head's output
+
+
+@dataclass(frozen=True)
+class Window:
+    """A convolution (``weight [Co, Ci, kh, kw]``) or an average pool (``weight`` None)
+    in 2-D -- a 1-D layer has height 1 -- with its output's spatial size."""
+
+    weight: torch.Tensor | None
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    out_hw: tuple[int, int]
+
+    @classmethod
+    def of(cls, layer: nn.Module, out_hw: tuple[int, int]) -> Window:
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+            weight = layer.weight if layer.weight.dim() == 4 else layer.weight.unsqueeze(2)
+            kernel = (weight.shape[2], weight.shape[3])
+            stride = _pair(layer.stride) or (1, 1)
+            padding = _pair(layer.padding) or (0, 0)
+        else:
+            assert isinstance(layer, (nn.AvgPool1d, nn.AvgPool2d))
+            weight = None
+            kernel = _pair(layer.kernel_size) or (1, 1)
+            stride = _pair(layer.stride if layer.stride else layer.kernel_size) or kernel
+            padding = _pair(layer.padding) or (0, 0)
+        if isinstance(layer, (nn.Conv1d, nn.AvgPool1d)):  # 1-D as 2-D with height 1
+            kernel, stride, padding = (1, kernel[1]), (1, stride[1]), (0, padding[1])
+        return cls(weight, kernel, stride, padding, out_hw)
+
+
+def forward(network: Network, x: torch.Tensor, *, track_patches: bool) -> _Forward:
+    """Run the network, recording layer inputs and (optionally) the head's patches."""
+    batch = x.shape[0]
+    activation = x
+    record = _Forward(output=x)
+    patches = Patches.of_input(_canonical(x.shape[1:]), x) if track_patches else None
+    for layer in network.head:
+        record.head_inputs.append(activation)
+        record.head_patches.append(
+            patches if isinstance(layer, ELEMENTWISE) and track_patches else None
+        )
+        output = _run(layer, activation)
+        record.head_output_shapes.append(output.shape[1:])
+        derivatives = (
+            elementwise_derivatives(layer, activation, output)
+            if isinstance(layer, ELEMENTWISE)
+            else None
+        )
+        record.head_derivatives.append(derivatives)
+        if patches is not None:
+            # The units keep their layout through a Flatten: a non-linearity or batch
+            # norm after it scales the same [C, H, W] units, now seen as one vector.
+            units = patches.units
+            if derivatives is not None:
+                patches = patches.scaled(derivatives[0].reshape(batch, *units))
+            elif isinstance(layer, BATCHNORMS):
+                patches = patches.scaled(_batchnorm_scale(layer, units).unsqueeze(0))
+            elif isinstance(layer, SPATIAL):
+                out_units = _canonical(output.shape[1:])
+                patches = patches.through_window(Window.of(layer, out_units[1:]))
+        activation = output
+    record.patches = patches
+    activation = activation.reshape(batch, -1)
+    for layer in network.tail:
+        record.tail_inputs.append(activation)
+        if not isinstance(layer, (*PASS_THROUGH, nn.Flatten)):
+            activation = _run(layer, activation)
+    record.output = activation.reshape(batch, -1)
+    return record
+
+
+def _head_backward(
+    network: Network,
+    record: _Forward,
+    gradient: torch.Tensor,
+    first_weight: torch.Tensor | None,
+    *,
+    to_input: bool = True,
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """Gradients of the ``k`` scalars through the head.
+
+    ``gradient`` is ``[B, k, h]`` at the output of the tail's first Linear
+    (``first_weight``; at the head's output when there is none), as ``_tail_backward``
+    returns it. Returns the gradient at the input, ``[B, k, n]`` (None unless
+    ``to_input``: a Hessian needs only the gradients at the elementwise layers, so the
+    layers below the first one are skipped, and none of the head when it has no
+    elementwise layer, as in an MLP), and at each elementwise layer's output (None for
+    other layers).
+    """
+    batch, scalars = gradient.shape[:2]
+    at_outputs: list[torch.Tensor | None] = [None] * len(network.head)
+    first_elementwise = next(
+        (i for i, d in enumerate(record.head_derivatives) if d is not None), len(network.head)
+    )
+    stop = 0 if to_input else first_elementwise
+    if stop == len(network.head) and not to_input:
+        return None, at_outputs
+    current = gradient if first_weight is None else gradient @ first_weight
+    for position in range(len(network.head) - 1, stop - 1, -1):
+        layer, layer_input = network.head[position], record.head_inputs[position]
+        sample_in, sample_out = layer_input.shape[1:], record.head_output_shapes[position]
+        current = current.reshape(batch, scalars, *sample_out)
+        derivatives = record.head_derivatives[position]
+        if derivatives is not None:
+            at_outputs[position] = current
+            current = current * derivatives[0].unsqueeze(1)
+        elif isinstance(layer, BATCHNORMS):
+            units = _canonical(sample_in)
+            scaled = current.reshape(batch, scalars, *units) * _batchnorm_scale(layer, units)
+            current = scaled.reshape(batch, scalars, *sample_in)
+        elif isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+            current = _conv_transposed(
+                layer, current.reshape(batch * scalars, *sample_out), sample_in
+            )
+        elif isinstance(layer, (nn.AvgPool1d, nn.AvgPool2d)):
+            with torch.enable_grad():
+                probe = torch.zeros(
+                    batch * scalars, *sample_in, dtype=current.dtype, device=current.device
+                ).requires_grad_(True)
+                pooled = layer(probe)
+                (current,) = torch.autograd.grad(pooled, probe, current.reshape(pooled.shape))
+    if not to_input:
+        return None, at_outputs
+    return current.reshape(batch, scalars, -1), at_outputs
+
+
+def _conv_transposed(
+    layer: nn.Conv1d | nn.Conv2d, gradient: torch.Tensor, sample_in: torch.Size
+) -> torch.Tensor:
+    """The gradient at a convolution's input from the one at its output: the transposed
+    convolution, with the output padding that restores the input's size (a strided
+    convolution drops the last rows and columns it does not reach)."""
+    padding = layer.padding
+    assert not isinstance(padding, str)  # string padding is not supported (parse)
+    reached = [
+        (size - 1) * stride - 2 * pad + kernel
+        for size, stride, pad, kernel in zip(
+            gradient.shape[2:], layer.stride, padding, layer.kernel_size, strict=True
+        )
+    ]
+    extra = [target - got for target, got in zip(sample_in[1:], reached, strict=True)]
+    transposed = F.conv_transpose1d if isinstance(layer, nn.Conv1d) else F.conv_transpose2d
+    return transposed(
+        gradient, layer.weight, stride=layer.stride, padding=padding, output_padding=extra
+    )
+
+
+def _pulled_back(patches: Patches, weight: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``A = W J_u`` as ``[B or 1, h, n]``: the rows of ``W`` (identity when None) pulled
+    back through the head's patch Jacobian onto the input."""
+    if patches.identity:
+        if weight is None:
+            return torch.eye(n, dtype=patches.base.dtype, device=patches.base.device)[None]
+        return weight.unsqueeze(0)
+    values = patches.values
+    batch, channels, height, width = values.shape[:4]
+    positions, k = height * width, patches.patch
+    local = values.reshape(batch, channels, positions, k)
+    index = patches.indices()
+    if weight is None:  # dense J_u: one row per head-output unit
+        rows = channels * positions
+        source = local.reshape(batch, rows, k)
+        flat = (torch.arange(rows, device=values.device).reshape(rows, 1) * n).reshape(
+            channels, positions, 1
+        )
+        flat = (flat + index.unsqueeze(0)).reshape(-1)
+        result = values.new_zeros(batch, rows * n)
+        result.index_add_(1, flat, source.reshape(batch, -1))
+        return result.reshape(batch, rows, n)
+    h = weight.shape[0]
+    rows_by_unit = weight.reshape(h, channels, positions)
+    if h <= SMALL_HEAD_ROWS:  # tiny per-position products: broadcasting beats batched matmul
+        source = (rows_by_unit.unsqueeze(0).unsqueeze(-1) * local.unsqueeze(1)).sum(2)
+    else:
+        source = torch.einsum("hcp,bcpk->bhpk", rows_by_unit, local)
+    result = values.new_zeros(batch, h, n)
+    result.index_add_(2, index.reshape(-1), source.reshape(batch, h, -1))
+    return result
+
+
+def _add_blocks(
+    hessian_flat: torch.Tensor, patches: Patches, coefficient: torch.Tensor, n: int
+) -> None:
+    """``H += J^T diag(c) J`` for one elementwise layer, as receptive-field blocks.
+
+    ``coefficient`` is ``[B, k, C, H, W]``; each position's ``K x K`` block is
+    ``L_p^T diag(c_p) L_p`` over the channels and is scattered into ``H`` at the
+    position's input patch.
+    """
+    batch, scalars = coefficient.shape[:2]
+    channels, height, width = patches.units
+    positions, k = height * width, patches.patch
+    if patches.factored is not None:
+        # Local Jacobians scale[c, p] * K[c, :] (masked): the blocks are ONE product of
+        # the per-position channel weights with the kernel's per-channel outer products.
+        kernel, scale = patches.factored
+        if scale is not None:
+            coefficient = coefficient * (scale * scale).unsqueeze(1)
+        flat_kernel = kernel.reshape(channels, k)
+        outer = (flat_kernel.unsqueeze(2) * flat_kernel.unsqueeze(1)).reshape(channels, k * k)
+        per_position = coefficient.reshape(batch * scalars, channels, positions).transpose(1, 2)
+        blocks = (per_position @ outer).reshape(batch * scalars, positions, k, k)
+        blocks = blocks.mul_(patches.block_mask())
+    else:
+        values = patches.values
+        local = values.reshape(values.shape[0], channels, positions, k)
+        weighted = coefficient.reshape(batch, scalars, channels, positions, 1) * local.unsqueeze(1)
+        blocks = torch.einsum("bscpi,bcpj->bspij", weighted, local.expand(batch, -1, -1, -1))
+    hessian_flat.index_add_(1, patches.pairs(n), blocks.reshape(batch * scalars, -1))
+
+
+def _tail_backward(
+    network: Network, record: _Forward, gradient: torch.Tensor, curvature: _Curvature | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradient and curvature down the tail, stopping at the first Linear's output.
+
+    ``curvature`` (None for a Jacobian, which needs none) is updated in place.
+
+    Returns the gradient at the first Linear's output ``[B, k, h]`` (at the head's
+    output when the tail is empty) and that Linear's weight (None when the tail is
+    empty); ``_head_backward`` takes the gradient on through it only when it is needed.
+    """
+    tail, inputs = network.tail, record.tail_inputs
+    # Each layer's output is the next one's input; these are those of tail[1:].
+    outputs = [*inputs[1:], record.output][1:]
+    for layer, layer_input, layer_output in zip(
+        reversed(tail[1:]), reversed(inputs[1:]), reversed(outputs), strict=True
+    ):
+        if isinstance(layer, nn.Linear):
+            if curvature is not None:
+                curvature.through_linear(layer.weight)
+            gradient = gradient @ layer.weight
+        elif isinstance(layer, nn.BatchNorm1d):
+            factor = _batchnorm_scale(layer, (layer_input.shape[1], 1, 1)).reshape(1, 1, -1)
+            if curvature is not None:
+                curvature.scale(factor)
+            gradient = gradient * factor
+        elif isinstance(layer, ELEMENTWISE):
+            first, second = elementwise_derivatives(layer, layer_input, layer_output)
+            first = first.unsqueeze(1)
+            if curvature is not None:
+                curvature.scale(first)
+                if second is not None:
+                    curvature.add_diagonal(gradient * second.unsqueeze(1))
+            gradient = gradient * first
+    if not tail:
+        return gradient, None
+    first_linear = tail[0]
+    assert isinstance(first_linear, nn.Linear)
+    return gradient, first_linear.weight
+
+
+def _top(
+    output: torch.Tensor,
+    indices: torch.Tensor | None,
+    objective: ObjectiveFn | None,
+    targets: torch.Tensor,
+) -> tuple[torch.Tensor, _Curvature]:
+    """Gradient ``[B, k, m]`` and curvature of the selected scalars w.r.t. the output."""
+    batch = output.shape[0]
+    if objective is None:
+        assert indices is not None
+        eye = torch.eye(output.shape[1], dtype=output.dtype, device=output.device)
+        return eye[indices.to(output.device)].expand(batch, -1, -1), _Curvature()
+    gradient = vmap(grad(objective))(output, targets).unsqueeze(1)
+    return gradient, _Curvature(dense=vmap(hessian(objective))(output, targets).unsqueeze(1))
+
+
+def hessian_of(
+    network: Network,
+    x: torch.Tensor,
+    *,
+    indices: torch.Tensor | None,
+    objective: ObjectiveFn | None,
+    targets: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input Hessians ``[B, k, n, n]`` of ``k`` raw outputs or one objective, and the
+    model's output ``[B, m]``."""
+    batch, n = x.shape[0], x[0].numel()
+    record = forward(network, x, track_patches=True)
+    assert record.patches is not None
+    gradient, curvature = _top(record.output, indices, objective, targets)
+    scalars = gradient.shape[1]
+    gradient, first_weight = _tail_backward(network, record, gradient, curvature)
+    result = (
+        curvature.sandwich(_pulled_back(record.patches, first_weight, n))
+        if not curvature.is_zero
+        else None
+    )
+    if result is None or result.shape[0] != batch:
+        zeros = x.new_zeros(batch, scalars, n, n)
+        result = zeros if result is None else zeros + result
+    _, at_outputs = _head_backward(network, record, gradient, first_weight, to_input=False)
+    flat = result.reshape(batch * scalars, n * n)
+    for patches, derivatives, upstream in zip(
+        record.head_patches, record.head_derivatives, at_outputs, strict=True
+    ):
+        if patches is None or upstream is None or derivatives is None:
+            continue
+        second = derivatives[1]
+        if second is None:
+            continue  # piecewise linear: no curvature of its own
+        units = patches.units
+        coefficient = upstream.reshape(batch, scalars, *units) * second.reshape(batch, 1, *units)
+        _add_blocks(flat, patches, coefficient, n)
+    return flat.reshape(batch, scalars, n, n), record.output
+
+
+def jacobian_of(
+    network: Network, x: torch.Tensor, *, indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input Jacobians ``[B, k, n]`` of the selected raw outputs, and the output ``[B, m]``,
+    by one batched backward pass of the ``k`` one-hot rows."""
+    record = forward(network, x, track_patches=False)
+    gradient, _ = _top(record.output, indices, None, x.new_zeros(x.shape[0]))
+    gradient, first_weight = _tail_backward(network, record, gradient, None)
+    rows, _ = _head_backward(network, record, gradient, first_weight)
+    assert rows is not None
+    return rows, record.output

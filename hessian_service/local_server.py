@@ -1,0 +1,141 @@
+"""The service in a child process on this machine, for code that needs a real server
+next to it: scripts, notebooks, the benchmarks (``bench/``) and the end-to-end tests.
+
+``hessian-service serve`` (``make serve``) builds its command line and allocator
+settings here too, so every way of starting the server runs the same thing.
+
+    with local_server({"HESSIAN_MAX_BATCH_SIZE": "8"}) as url:
+        Client(url).hessian(...)
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+# glibc keeps freed pages with these: the vectorized derivative code otherwise spends
+# most of its time in page faults (DESIGN.md, "Facts about the build machines"). glibc
+# reads them at process start, so they go into the server's environment.
+ALLOCATOR_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "4294967296",
+    "MALLOC_TRIM_THRESHOLD_": "1000000000000",
+}
+LOCALHOST = "127.0.0.1"
+
+
+class ServerDidNotStart(RuntimeError):
+    """The child exited, or did not answer ``/health/ready`` in time; the message ends
+    with the tail of its stderr."""
+
+
+def free_port(host: str = LOCALHOST) -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def uvicorn_command(host: str, port: int, options: Sequence[str] = ()) -> list[str]:
+    """``python -m uvicorn hessian_service.main:app`` on ``host:port``, with uvicorn ``options``."""
+    command = [sys.executable, "-m", "uvicorn", "hessian_service.main:app", "--host", host]
+    return [*command, "--port", str(port), *options]
+
+
+def server_env(settings: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment without its ``HESSIAN_*`` settings (so that a caller's
+    shell cannot change what a started server does), plus the allocator settings and
+    ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HESSIAN_")}
+    return {**env, **ALLOCATOR_ENV, "PYTHONUNBUFFERED": "1", **settings}
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+@contextmanager
+def local_server(
+    settings: Mapping[str, str] | None = None,
+    *,
+    uvicorn_options: Sequence[str] = ("--no-access-log",),
+    ready_timeout_s: float = 60.0,
+    cwd: Path | None = None,
+) -> Iterator[str]:
+    """Start the service on a free port of 127.0.0.1 with ``HESSIAN_*`` ``settings`` and
+    yield its base URL once ``/health/ready`` answers 200; stop it on exit.
+
+    Raises ``ServerDidNotStart`` (with the server's stderr) if it exits first or is not
+    ready within ``ready_timeout_s``. ``cwd`` is the server's working directory (this
+    process's by default).
+    """
+    with local_server_process(
+        settings, uvicorn_options=uvicorn_options, ready_timeout_s=ready_timeout_s, cwd=cwd
+    ) as (url, _process):
+        yield url
+
+
+@contextmanager
+def local_server_process(
+    settings: Mapping[str, str] | None = None,
+    *,
+    uvicorn_options: Sequence[str] = ("--no-access-log",),
+    ready_timeout_s: float = 60.0,
+    cwd: Path | None = None,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``local_server``, yielding the server's process too (the soak reads its memory
+    from ``/proc/<pid>``)."""
+    port = free_port()
+    url = f"http://{LOCALHOST}:{port}"
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(
+            uvicorn_command(LOCALHOST, port, uvicorn_options),
+            cwd=cwd,
+            env=server_env(settings or {}),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+
+        def failed(why: str) -> ServerDidNotStart:
+            stderr.seek(0)
+            tail = stderr.read().decode(errors="replace")[-8000:]
+            return ServerDidNotStart(f"{why}; its stderr:\n{tail}")
+
+        try:
+            deadline = time.monotonic() + ready_timeout_s
+            with httpx.Client(base_url=url, timeout=2.0, trust_env=False) as client:
+                while True:
+                    if process.poll() is not None:
+                        raise failed(
+                            f"the server exited with code {process.returncode} before it was ready"
+                        )
+                    try:
+                        if client.get("/health/ready").status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise failed(
+                            f"the server at {url} was not ready after {ready_timeout_s:.0f} s"
+                        )
+                    time.sleep(0.1)
+            yield url, process
+        finally:
+            _stop(process)

@@ -1,0 +1,342 @@
+"""Probe a loaded model once: what the engine can do with it, and what to expect.
+
+The probe runs at load time on a small seeded input and records: whether ``vmap`` and
+forward-mode AD (``jvp``) work on the model, which engine path serves its Hessians
+(``structured``, the vectorized ``generic`` torch.func path, or the ``autograd`` row loop
+for models torch.func cannot transform), whether its Hessian is zero everywhere or
+almost everywhere (from its module types or, for TorchScript and torch.export models,
+from the operators in its graph), whether it holds random operations, and its size.
+The derivative endpoints read the stored report to choose their method: nothing is
+probed again per request.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import jvp, vmap
+
+from hessian_service.engine import (
+    AUTODIFF_LOCK,
+    Curvature,
+    classify,
+    compute_hessian,
+    compute_jacobian,
+    structured,
+)
+
+# Operators whose output is affine in their tensor inputs (or that only look at shapes).
+AFFINE_OPS = frozenset(
+    [
+        "linear",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "_convolution",
+        "convolution",
+        "addmm",
+        "batch_norm",
+        "_native_batch_norm_legit_no_training",
+        "avg_pool1d",
+        "avg_pool2d",
+        "avg_pool3d",
+        "adaptive_avg_pool1d",
+        "adaptive_avg_pool2d",
+        "mean",
+        "sum",
+        "add",
+        "sub",
+        "neg",
+        "view",
+        "reshape",
+        "flatten",
+        "permute",
+        "transpose",
+        "t",
+        "contiguous",
+        "squeeze",
+        "unsqueeze",
+        "expand",
+        "cat",
+        "stack",
+        "select",
+        "slice",
+        "clone",
+        "alias",
+        "detach",
+        "dropout",
+        "feature_dropout",
+        "alpha_dropout",
+        "size",
+        "dim",
+        "len",
+        "ne",
+        "eq",
+        "Int",
+        "Float",
+        "__is__",
+        "__isnot__",
+        "format",
+        "warn",
+        "_assert",
+        "_guards_fn",
+        "sym_size",
+        "lift_fresh_copy",
+    ]
+)
+PIECEWISE_LINEAR_OPS = frozenset(
+    [
+        "relu",
+        "relu_",
+        "relu6",
+        "leaky_relu",
+        "hardtanh",
+        "hardtanh_",
+        "prelu",
+        "max_pool1d",
+        "max_pool2d",
+        "max_pool3d",
+        "max_pool2d_with_indices",
+        "adaptive_max_pool1d",
+        "adaptive_max_pool2d",
+        "clamp",
+        "abs",
+    ]
+)
+DROPOUT_OPS = frozenset({"dropout", "feature_dropout", "alpha_dropout", "native_dropout"})
+RANDOM_OPS = frozenset(
+    [
+        "rand",
+        "randn",
+        "rand_like",
+        "randn_like",
+        "randint",
+        "randint_like",
+        "randperm",
+        "bernoulli",
+        "bernoulli_",
+        "normal",
+        "normal_",
+        "uniform_",
+        "exponential_",
+        "multinomial",
+        "poisson",
+    ]
+)
+RANDOM_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+_ATEN_IN_TEXT = re.compile(r"aten::(\w+)")
+# Above this many Hessian entries (n x n for one sample, 256 MB in float32) the probe does
+# not compute a trial Hessian.
+MAX_PROBE_HESSIAN_ENTRIES = 1 << 26
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the probe found; ``hessian_method``/``jacobian_method`` go to the engine."""
+
+    device: str
+    dtype: str
+    batch: str  # "any": the model takes a batch; "one": exported with a batch of 1
+    vmap: bool
+    forward_mode: bool
+    engine_path: str  # structured | generic | autograd
+    hessian_method: str  # the engine's method argument for /hessian
+    jacobian_method: str  # ... and for /jacobian
+    curvature: Curvature
+    random_ops: bool
+    random_evidence: tuple[str, ...]
+    parameters: int
+    parameter_bytes: int
+    buffer_bytes: int
+    precisions: tuple[str, ...]
+    notes: tuple[str, ...]
+
+    @property
+    def hessian_zero(self) -> str:
+        """``everywhere`` | ``almost_everywhere`` | ``no``: what the curvature implies."""
+        return {
+            Curvature.AFFINE: "everywhere",
+            Curvature.PIECEWISE_LINEAR: "almost_everywhere",
+        }.get(self.curvature, "no")
+
+
+def graph_ops(module: nn.Module) -> set[str] | None:
+    """The ATen operator names a TorchScript or torch.fx (torch.export) module calls, or
+    None for an eager module (its module types say more)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return set(_ATEN_IN_TEXT.findall(str(module.inlined_graph)))
+    if isinstance(module, torch.fx.GraphModule):
+        ops = set()
+        for node in module.graph.nodes:
+            if node.op == "call_function":
+                name = str(getattr(node.target, "__name__", node.target))
+                ops.add(name.removeprefix("aten.").split(".")[0])
+        return ops
+    inner = getattr(module, "inner", None)  # loaders.OneSampleAtATime
+    return graph_ops(inner) if isinstance(inner, nn.Module) else None
+
+
+def curvature_of(module: nn.Module) -> Curvature:
+    """From module types (eager models) or graph operators (TorchScript, torch.export);
+    anything unknown gives ``GENERAL``, so a zero claim is only made when it is sure."""
+    ops = graph_ops(module)
+    if ops is None:
+        return classify(module)
+    if not ops <= AFFINE_OPS | PIECEWISE_LINEAR_OPS:
+        return Curvature.GENERAL
+    return Curvature.PIECEWISE_LINEAR if ops & PIECEWISE_LINEAR_OPS else Curvature.AFFINE
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _random_evidence(module: nn.Module, x: torch.Tensor) -> tuple[bool, list[str]]:
+    evidence: list[str] = []
+    random = False
+    for name, sub in module.named_modules():
+        if isinstance(sub, RANDOM_MODULES) and sub.training:
+            evidence.append(f"module {name or type(sub).__name__} is a dropout in training mode")
+            random = True
+    ops = graph_ops(module) or set()
+    for op in sorted(ops & RANDOM_OPS):
+        evidence.append(f"calls the random operator aten::{op}")
+        random = True
+    for op in sorted(ops & DROPOUT_OPS):
+        evidence.append(f"calls aten::{op} (inactive when exported or scripted in eval mode)")
+    with torch.no_grad():
+        first, second = module(x), module(x)
+    if not torch.equal(first, second):
+        evidence.append("two forward passes on the same input differ")
+        random = True
+    return random, evidence
+
+
+def _works(check: object) -> tuple[bool, str | None]:
+    try:
+        assert callable(check)
+        check()
+    except Exception as error:  # any failure means "no", with the reason as a note
+        return False, _first_line(error)
+    return True, None
+
+
+def _choose_methods(
+    module: nn.Module, x: torch.Tensor, vmap_ok: bool, notes: list[str]
+) -> tuple[str, str, str]:
+    """``(engine_path, hessian_method, jacobian_method)`` from trying the engine on one
+    sample; the Hessian trial is skipped (and the path read from the network's layers)
+    when one ``n x n`` matrix would be too large to compute just to find out."""
+    sample_shape = tuple(x.shape[1:])
+    n = x[0].numel()
+    if not vmap_ok:
+        compute_hessian(module, x[:1], output_index=0, method="autograd")
+        return "autograd", "autograd", "autograd"
+    if n * n > MAX_PROBE_HESSIAN_ENTRIES:
+        notes.append(f"Hessian probe skipped: {n} x {n} entries is too large for a trial")
+        path = "structured" if structured.parse(module, sample_shape) is not None else "generic"
+        return path, path, "auto"
+    try:
+        result = compute_hessian(module, x[:1], output_index=0)
+        compute_jacobian(module, x[:1], output_index=0)
+    except Exception as error:  # torch.func cannot run it: the row loop will
+        notes.append(f"torch.func: {_first_line(error)}; using the autograd row loop")
+        compute_hessian(module, x[:1], output_index=0, method="autograd")
+        return "autograd", "autograd", "autograd"
+    path = "structured" if result.method == "structured" else "generic"
+    return path, path, "auto"
+
+
+def probe(
+    module: nn.Module,
+    sample_shape: list[int],
+    *,
+    batch: str,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Capabilities:
+    """Probe ``module`` (frozen, on ``device``, in ``dtype``: by default those of its
+    first parameter or buffer) on a seeded input.
+
+    Holds the engine's ``AUTODIFF_LOCK`` throughout: derivative requests wait for the
+    probe (about a second) instead of sharing torch's process-wide forward-AD state.
+    """
+    with AUTODIFF_LOCK:
+        return _probe(module, sample_shape, batch=batch, device=device, dtype=dtype)
+
+
+def _probe(
+    module: nn.Module,
+    sample_shape: list[int],
+    *,
+    batch: str,
+    device: torch.device | None,
+    dtype: torch.dtype | None,
+) -> Capabilities:
+    reference = next(iter([*module.parameters(), *module.buffers()]), None)
+    if device is None:
+        device = reference.device if reference is not None else torch.device("cpu")
+    if dtype is None:
+        dtype = reference.dtype if reference is not None else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *sample_shape, generator=generator).to(device=device, dtype=dtype)
+    notes: list[str] = []
+
+    def one(sample: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = module(sample.unsqueeze(0))
+        return out
+
+    def vmapped() -> None:
+        with torch.no_grad():
+            batched = vmap(one)(x)
+            looped = torch.stack([one(sample) for sample in x])
+        if not torch.allclose(batched, looped, rtol=1e-5, atol=1e-6):
+            raise ValueError("vmap gives different outputs than a loop over the samples")
+
+    def forward_mode() -> None:
+        jvp(one, (x[0],), (torch.ones_like(x[0]),))
+
+    vmap_ok, vmap_error = _works(vmapped)
+    jvp_ok, jvp_error = _works(forward_mode)
+    notes += [f"vmap: {vmap_error}"] if vmap_error else []
+    notes += [f"forward mode: {jvp_error}"] if jvp_error else []
+    engine_path, hessian_method, jacobian_method = _choose_methods(module, x, vmap_ok, notes)
+
+    random, evidence = _random_evidence(module, x)
+    precisions = [str(dtype).removeprefix("torch.")]
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    works, why_not = _works(lambda: copy.deepcopy(module).to(other)(x[:1].to(other)))
+    if works:
+        precisions.append(str(other).removeprefix("torch."))
+    else:
+        notes.append(f"{other}: {why_not}")
+    return Capabilities(
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        batch=batch,
+        vmap=vmap_ok,
+        forward_mode=jvp_ok,
+        engine_path=engine_path,
+        hessian_method=hessian_method,
+        jacobian_method=jacobian_method,
+        curvature=curvature_of(module),
+        random_ops=random,
+        random_evidence=tuple(evidence),
+        parameters=sum(p.numel() for p in module.parameters()),
+        parameter_bytes=sum(p.numel() * p.element_size() for p in module.parameters()),
+        buffer_bytes=sum(b.numel() * b.element_size() for b in module.buffers()),
+        precisions=tuple(precisions),
+        notes=tuple(notes),
+    )

@@ -1,0 +1,269 @@
+"""HTTP request and response bodies (pydantic only, no torch).
+
+Tensor objects follow the Open Inference Protocol (KServe v2 / Triton) layout: ``name``,
+``shape``, ``datatype``, ``data``; ``data`` is a flat or nested list of numbers in
+row-major order, or a base64 string of the little-endian row-major bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+
+from hessian_service.names import REF_PATTERN
+
+Datatype = Literal[
+    "BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "BF16", "FP32", "FP64"
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# Counts and indices are JSON integers: not true/false (pydantic's lax int takes them as
+# 1/0), not "3", not 2.0.
+Count = Annotated[StrictInt, Field(ge=0)]
+
+
+class TensorObject(_Strict):
+    """A tensor in the Open Inference Protocol layout."""
+
+    name: str = Field("x", description="Tensor name.", max_length=128)
+    shape: list[Count] = Field(..., description="Dimensions, e.g. [1, 1, 28, 28].", max_length=16)
+    datatype: Datatype = Field("FP32", description="Element type of `data`.")
+    data: list[Any] | str = Field(
+        ...,
+        description="Row-major numbers (flat or nested), or base64 of the little-endian "
+        "row-major bytes.",
+    )
+
+
+class SumObjective(_Strict):
+    """``sum(output)``."""
+
+    type: Literal["sum"]
+
+
+class LogSoftmaxObjective(_Strict):
+    """``log_softmax(output)[index]``."""
+
+    type: Literal["log_softmax"]
+    index: Count
+
+
+class MseObjective(_Strict):
+    """``mean((output - target)**2)``; a number target is broadcast to the output shape."""
+
+    type: Literal["mse"]
+    target: StrictFloat | list[Any] | TensorObject = Field(
+        ..., description="A number, a list shaped like the output, or a tensor object."
+    )
+
+
+class CrossEntropyObjective(_Strict):
+    """``-log_softmax(output)[target]``, one class index or one per sample."""
+
+    type: Literal["cross_entropy"]
+    target: Count | list[Count]
+
+
+Objective = Annotated[
+    SumObjective | LogSoftmaxObjective | MseObjective | CrossEntropyObjective,
+    Field(discriminator="type"),
+]
+
+
+class DerivativeRequest(_Strict):
+    """Body of ``POST /jacobian`` and ``POST /hessian``."""
+
+    model: str = Field(
+        ...,
+        pattern=REF_PATTERN,
+        description="A loaded model (see GET /models): `name` (its latest version) or "
+        "`name@version`.",
+    )
+    inputs: list[TensorObject] = Field(
+        ...,
+        min_length=1,
+        max_length=1,
+        description="One tensor: one sample shaped like the model's input_shape, or a "
+        "batch [B, *input_shape].",
+    )
+    output_index: StrictInt | list[StrictInt] | None = Field(
+        None,
+        description="Index (or list of indices) into the flattened per-sample output. "
+        "/hessian needs one unless the model has one output or an objective is given; "
+        "/jacobian without it returns all outputs.",
+    )
+    objective: Objective | None = Field(
+        None, description="A scalar built on the output, replacing output_index."
+    )
+    encoding: Literal["json", "base64", "binary"] = Field(
+        "json",
+        description="How result tensors' `data` is written: json numbers, base64 of the "
+        "little-endian bytes, or binary (the Open Inference Protocol binary tensor "
+        "extension: an application/octet-stream body whose first "
+        "`Inference-Header-Content-Length` bytes are this JSON response, each output "
+        "carrying `parameters.binary_data_size` instead of `data`, followed by the "
+        "outputs' raw little-endian row-major bytes in order).",
+    )
+    layout: Literal["matrix", "tensor"] = Field(
+        "matrix",
+        description="matrix: [n, n] with n = prod(input_shape); tensor: input_shape + "
+        "input_shape, as torch.autograd.functional returns it.",
+    )
+    precision: Literal["float32", "float64"] = Field("float32", description="Compute dtype.")
+
+
+class ResponseMetadata(BaseModel):
+    """What was computed, and how."""
+
+    output_index: int | list[int] | None
+    objective: str
+    sample_shape: list[int]
+    batch_size: int | None = Field(description="B for a batched input, null for one sample.")
+    method: str
+    device: str
+    precision: str
+    layout: str
+    compute_ms: float
+    zero: bool = Field(description="True when every entry of the result is exactly zero.")
+    notes: list[str]
+
+
+class OutputTensor(BaseModel):
+    """A result tensor: ``data`` inline, or (``encoding: "binary"``) its byte count in
+    ``parameters.binary_data_size`` and its bytes after the JSON header."""
+
+    name: str
+    shape: list[int]
+    datatype: Datatype
+    data: list[Any] | str | None = Field(
+        None, description="Numbers or base64; absent with the binary encoding."
+    )
+    parameters: dict[str, Any] | None = Field(
+        None, description='`{"binary_data_size": <bytes>}` with the binary encoding.'
+    )
+
+
+class DerivativeResponse(BaseModel):
+    """Body of a successful ``POST /jacobian`` or ``POST /hessian``."""
+
+    model: str
+    model_version: str
+    outputs: list[OutputTensor]
+    metadata: ResponseMetadata
+
+
+class CapabilityReport(BaseModel):
+    """What the load-time probe found; the derivative endpoints use its methods."""
+
+    device: str
+    dtype: str = Field(description="The dtype the model was loaded in.")
+    precisions: list[str] = Field(description="Request precisions the model runs in.")
+    batch: Literal["any", "one"] = Field(
+        description="any: the model takes a batch; one: exported with a fixed batch of 1, "
+        "so a batch runs one sample at a time."
+    )
+    vmap: bool = Field(description="torch.func.vmap works on the model.")
+    forward_mode: bool = Field(description="Forward-mode AD (torch.func.jvp) works.")
+    engine_path: Literal["structured", "generic", "autograd"] = Field(
+        description="structured: layer-wise curvature propagation; generic: vectorized "
+        "torch.func; autograd: a per-row torch.autograd loop (slow) for models that "
+        "torch.func cannot transform."
+    )
+    hessian_method: str = Field(description="The engine method /hessian uses.")
+    jacobian_method: str = Field(description="The engine method /jacobian uses.")
+    curvature: Literal["affine", "piecewise_linear", "general"]
+    hessian_zero: Literal["everywhere", "almost_everywhere", "no"] = Field(
+        description="everywhere: affine model; almost_everywhere: all non-linearities are "
+        "piecewise linear (ReLU, max-pool): zero except on the kinks."
+    )
+    random_ops: bool = Field(description="The forward pass is random (e.g. active dropout).")
+    random_evidence: list[str]
+    parameters: int
+    parameter_bytes: int
+    buffer_bytes: int
+    notes: list[str] = Field(description="Why a probe failed, where one did.")
+
+
+class ModelInfo(BaseModel):
+    """A model as ``GET /models`` lists it."""
+
+    name: str
+    version: str
+    description: str
+    input_shape: list[int]
+    output_shape: list[int]
+    device: str | None
+    ready: bool
+    curvature: str | None = Field(
+        None, description="affine | piecewise_linear | general: what the Hessian can be."
+    )
+    error: str | None = None
+    training: dict[str, Any] | None = None
+    format: str | None = Field(None, description="zoo | torchscript | export")
+    latest: bool | None = Field(None, description="This version is what `name` resolves to.")
+    source: str | None = Field(None, description="models_dir | upload")
+    capabilities: CapabilityReport | None = None
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class HealthStatus(BaseModel):
+    status: Literal["ok", "loading"]
+    models_loaded: int
+    models_failed: int
+
+
+class FailedModelInfo(BaseModel):
+    """A model folder that failed to load, and why."""
+
+    name: str
+    error: str
+
+
+class FieldError(BaseModel):
+    """One failed check of a request: where, and what was expected."""
+
+    field: str = Field(description="The request field, e.g. `inputs[0].data`.")
+    message: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 ``application/problem+json`` body: every error outside ``/v2``.
+
+    ``field`` is always present: the request field at fault, or null where no part of
+    the request is (overloaded, not ready, out of time). The other extras appear on the
+    errors that have them.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field("about:blank", description="Always about:blank: the title says it all.")
+    title: str = Field(description="Not found, Invalid input, Too large, Overloaded, ...")
+    status: int = Field(description="The HTTP status, repeated.")
+    detail: str = Field(description="What was wrong and what was expected.")
+    field: str | None = Field(
+        description="The request field at fault (`model`, `inputs[0].shape`, `body`, "
+        "`path`, `method`, `Authorization`, ...), or null when no field is."
+    )
+    errors: list[FieldError] | None = Field(
+        None, description="Every failed check of a 422 from request validation."
+    )
+    limit_bytes: int | None = Field(None, description="413: the limit that was exceeded.")
+    estimated_bytes: int | None = Field(None, description="413: the result's size.")
+    json_number_bytes: int | None = Field(
+        None, description="413: the body's bytes outside JSON strings, as counted."
+    )
+    setting: str | None = Field(None, description="413: the setting that holds the limit.")
+    retry_after_s: int | None = Field(None, description="503 Overloaded: retry after.")
+    failed: list[FailedModelInfo] | None = Field(
+        None, description="503 from /health/ready: the model folders that failed to load."
+    )
+    models_loaded: int | None = Field(None, description="503 from /health/ready.")
+    models_failed: int | None = Field(None, description="503 from /health/ready.")
