@@ -30,15 +30,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.func import hessian as func_hessian
 from torch.func import jacrev, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.models import bundled
 from hessian_service import engine
-from hessian_service.config import BUNDLED_MODELS_DIR
-from hessian_service.repository.zoo import build
 
 OUTPUT_INDEX = 2
 DEVICE = torch.device("cpu")  # set by --device
@@ -59,12 +57,6 @@ def sync() -> None:
 # Errors are checked on this many leading samples of a batch (a float64 reference for
 # 32 wide Hessians would take minutes and gigabytes).
 REFERENCE_SAMPLES = 4
-
-
-def bundled(name: str) -> nn.Module:
-    model = build(name)
-    model.load_state_dict(load_file(str(BUNDLED_MODELS_DIR / name / "weights.safetensors")))
-    return model.eval().requires_grad_(False)
 
 
 def wide_cnn() -> nn.Module:

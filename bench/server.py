@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import torch
 
-from bench.run import bundled
+from bench.models import bundled
 from bench.serving import server
 from hessian_service import engine
 from hessian_service.api.examples import digit_image

@@ -43,7 +43,7 @@ from hessian_client._wire import decode_response
 from torch.func import hessian, jacrev
 
 from bench.load import Connection, Phase, summary
-from bench.run import bundled
+from bench.models import bundled
 from bench.serving import server_process
 from hessian_service.config import BUNDLED_MODELS_DIR
 
