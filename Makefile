@@ -36,10 +36,14 @@ browser:
 		apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
 		echo "chromium not installed: the browser test will be skipped (CI installs it)"
 
+# Style, types, then the import layering contracts (pyproject.toml [tool.importlinter]) and
+# no import circle anywhere (scripts/check_import_cycles.py; lazy and TYPE_CHECKING imports count).
 lint: setup-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy hessian_service clients/python/hessian_client bench
+	$(VENV)/bin/lint-imports --no-cache
+	$(PY) scripts/check_import_cycles.py
 
 pytest: setup-dev browser
 	$(PY) -m pytest
