@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from hessian_service.engine import generic, rowloop, structured
+from hessian_service.engine.methods import Algorithm, EnginePath
 from hessian_service.engine.objectives import Objective
 from hessian_service.engine.planner import (
     DEFAULT_MEMORY_BUDGET_BYTES,
@@ -31,11 +32,9 @@ from hessian_service.engine.planner import (
     plan_structured_jacobian,
 )
 
-# "autograd": the per-row torch.autograd loop (hessian_service.engine.rowloop), for models that
-# torch.func transforms cannot run (the registry's capability probe picks it).
-HESSIAN_METHODS = ("auto", "structured", "generic", "autograd")
-JACOBIAN_METHODS = ("auto", "structured", "generic", "autograd")
-ROW_LOOP = "autograd:row-loop"
+# Every path serves both kinds; "autograd" (the per-row loop, engine.rowloop) is for models
+# that torch.func transforms cannot run (the registry's capability probe picks it).
+METHODS: tuple[str, ...] = tuple(str(path) for path in EnginePath)
 OutputIndex = int | Sequence[int] | None
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -66,7 +65,7 @@ class DerivativeResult:
 
     matrix: torch.Tensor
     output: torch.Tensor
-    method: str
+    method: Algorithm  # what ran (the response's metadata.method)
     plan: Plan
     squeeze_scalars: bool
 
@@ -127,17 +126,18 @@ def _check_input(api: str, model: nn.Module, x: torch.Tensor) -> None:
 
 
 @dataclass(frozen=True)
-class _Probe:
+class _ForwardProfile:
     """What one forward pass of one sample says about a model: its per-sample output
-    shape and how many activation elements that pass creates (for memory planning)."""
+    shape and how many activation elements that pass creates (for memory planning).
+    (Not the registry's load-time capability probe: this is one measured forward pass.)"""
 
     output_shape: tuple[int, ...]
     activation_numel: int
 
 
-# Probes depend on the model and the input's shape, dtype and device only; they are kept
+# Profiles depend on the model and the input's shape, dtype and device only; they are kept
 # as long as the model lives, so repeated requests skip the extra forward pass.
-_PROBES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], _Probe]] = (
+_PROFILES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], _ForwardProfile]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -162,9 +162,9 @@ def _saved_tensor_numel(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     return output.detach(), numel
 
 
-def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
+def _profile(model: nn.Module, x: torch.Tensor) -> _ForwardProfile:
     key = (tuple(x.shape[1:]), x.dtype, x.device)
-    known = _PROBES.setdefault(model, {})
+    known = _PROFILES.setdefault(model, {})
     if key in known:
         return known[key]
     numel = 0
@@ -176,7 +176,7 @@ def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
 
     if _takes_no_hooks(model):
         output, numel = _saved_tensor_numel(model, x[:1])
-        known[key] = _Probe(tuple(output.shape[1:]), max(numel, int(output.numel())))
+        known[key] = _ForwardProfile(tuple(output.shape[1:]), max(numel, int(output.numel())))
         return known[key]
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     try:
@@ -185,7 +185,7 @@ def _probe(model: nn.Module, x: torch.Tensor) -> _Probe:
     finally:
         for hook in hooks:
             hook.remove()
-    known[key] = _Probe(tuple(output.shape[1:]), max(numel, int(output.numel())))
+    known[key] = _ForwardProfile(tuple(output.shape[1:]), max(numel, int(output.numel())))
     return known[key]
 
 
@@ -221,21 +221,23 @@ def _targets(selection: _Selection, batch: int, m: int, x: torch.Tensor) -> torc
     return objective.per_sample_targets(batch, m).to(x.device)
 
 
-def _check_method(api: str, method: str, methods: tuple[str, ...]) -> None:
-    if method not in methods:
-        raise ValueError(f"{api}: method must be one of {methods}, got {method!r}")
+def _path(api: str, method: EnginePath | str) -> EnginePath:
+    """``method`` as an ``EnginePath`` (its name is accepted too), or a ValueError."""
+    try:
+        return EnginePath(method)
+    except ValueError:
+        raise ValueError(f"{api}: method must be one of {METHODS}, got {method!r}") from None
 
 
 def _output_count(model: nn.Module, x: torch.Tensor) -> int:
-    return math.prod(_probe(model, x).output_shape)
+    return math.prod(_profile(model, x).output_shape)
 
 
 def _structured_network(
-    api: str, model: nn.Module, x: torch.Tensor, method: str
+    api: str, model: nn.Module, x: torch.Tensor, path: EnginePath
 ) -> structured.Network | None:
-    skip_structured = method in ("generic", "autograd")
-    network = None if skip_structured else structured.parse(model, tuple(x.shape[1:]))
-    if method == "structured" and network is None:
+    network = None if path.skips_structured else structured.parse(model, tuple(x.shape[1:]))
+    if path is EnginePath.STRUCTURED and network is None:
         raise ValueError(
             f"{api}: method='structured' supports Sequential networks of Conv1d/2d, "
             "AvgPool1d/2d, BatchNorm, Flatten, Linear, Dropout and elementwise "
@@ -286,7 +288,7 @@ def compute_hessian(
     *,
     output_index: OutputIndex = None,
     objective: Objective | None = None,
-    method: str = "auto",
+    method: EnginePath | str = EnginePath.AUTO,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> DerivativeResult:
     """Input Hessians of selected outputs (or of an objective) for each sample of ``x``.
@@ -298,8 +300,8 @@ def compute_hessian(
     once; a smaller budget is slower, never different.
     """
     _check_input("hessian", model, x)
-    _check_method("hessian", method, HESSIAN_METHODS)
-    network = _structured_network("hessian", model, x, method)
+    path = _path("hessian", method)
+    network = _structured_network("hessian", model, x, path)
     batch, n = x.shape[0], int(x[0].numel())
     if network is not None:
         m = _output_count(model, x)
@@ -325,29 +327,29 @@ def compute_hessian(
                 plan.batch_chunk, x, _targets(selection, batch, m, x), structured_chunk
             )
         return _result(matrix, _shaped_output(model, x, flat_output), plan, selection)
-    probe = _probe(model, x)
+    profile = _profile(model, x)
     with torch.no_grad():
         output = model(x)
-    m = math.prod(probe.output_shape)
+    m = math.prod(profile.output_shape)
     selection = _select("hessian", output_index, objective, m, default_all=False)
     plan = plan_hessian(
         n=n,
         batch=batch,
-        activation_numel=probe.activation_numel,
+        activation_numel=profile.activation_numel,
         itemsize=x.element_size(),
         memory_budget_bytes=memory_budget_bytes,
         num_scalars=selection.count,
     )
     targets = _targets(selection, batch, m, x)
     scalars = _scalars_fn(model, selection)
-    if method == "autograd":
+    if path is EnginePath.AUTOGRAD:
         matrix = rowloop.hessian(scalars, x, targets)
-        return _result(matrix, output, replace(plan, method=ROW_LOOP), selection)
+        return _result(matrix, output, replace(plan, method=Algorithm.ROW_LOOP), selection)
     with torch.no_grad():
         try:
             matrix = _generic_hessian(scalars, x, targets, plan)
         except NotImplementedError:  # an operator without forward-mode AD of its backward
-            plan = replace(plan, method="generic:reverse-over-reverse")
+            plan = replace(plan, method=Algorithm.REVERSE_OVER_REVERSE)
             matrix = _generic_hessian(scalars, x, targets, plan)
     return _result(matrix, output, plan, selection)
 
@@ -359,7 +361,7 @@ def compute_jacobian(
     *,
     output_index: OutputIndex = None,
     objective: Objective | None = None,
-    method: str = "auto",
+    method: EnginePath | str = EnginePath.AUTO,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> DerivativeResult:
     """Input Jacobians of selected outputs (all by default) for each sample of ``x``.
@@ -369,11 +371,11 @@ def compute_jacobian(
     reverse or forward mode, whichever needs fewer passes.
     """
     _check_input("jacobian", model, x)
-    _check_method("jacobian", method, JACOBIAN_METHODS)
-    network = _structured_network("jacobian", model, x, method)
+    path = _path("jacobian", method)
+    network = _structured_network("jacobian", model, x, path)
     batch, n = x.shape[0], int(x[0].numel())
     if network is not None and objective is None:
-        m = math.prod(_probe(model, x).output_shape)
+        m = math.prod(_profile(model, x).output_shape)
         selection = _select("jacobian", output_index, objective, m, default_all=True)
         if selection.count <= n:
             assert selection.indices is not None
@@ -396,43 +398,45 @@ def compute_jacobian(
                     plan.batch_chunk, x, x.new_zeros(batch), structured_chunk
                 )
             return _result(matrix, _shaped_output(model, x, flat_output), plan, selection)
-    probe = _probe(model, x)
-    m = math.prod(probe.output_shape)
+    profile = _profile(model, x)
+    m = math.prod(profile.output_shape)
     selection = _select("jacobian", output_index, objective, m, default_all=True)
     plan = plan_jacobian(
         n=n,
         rows=selection.count,
         batch=batch,
-        activation_numel=probe.activation_numel,
+        activation_numel=profile.activation_numel,
         itemsize=x.element_size(),
         memory_budget_bytes=memory_budget_bytes,
     )
     scalars = _scalars_with_output_fn(model, selection)
     targets = _targets(selection, batch, m, x)
-    if method == "autograd":
+    if path is EnginePath.AUTOGRAD:
         matrix, flat_output = rowloop.jacobian(scalars, x, targets)
-        plan = replace(plan, method=ROW_LOOP)
-        return _result(matrix, flat_output.reshape(batch, *probe.output_shape), plan, selection)
+        plan = replace(plan, method=Algorithm.ROW_LOOP)
+        return _result(matrix, flat_output.reshape(batch, *profile.output_shape), plan, selection)
     with torch.no_grad():
-        if plan.method == "generic:reverse" and selection.indices is not None:
+        if plan.method is Algorithm.REVERSE and selection.indices is not None:
             cotangents = torch.eye(m, dtype=x.dtype, device=x.device)[selection.indices]
             matrix, flat_output = generic.jacobian_of_outputs(
                 lambda sample: model(sample.unsqueeze(0)).reshape(-1), x, cotangents, plan
             )
-            return _result(matrix, flat_output.reshape(batch, *probe.output_shape), plan, selection)
+            return _result(
+                matrix, flat_output.reshape(batch, *profile.output_shape), plan, selection
+            )
         try:
             matrix, flat_output = generic.jacobian(scalars, x, targets, plan)
         except NotImplementedError:  # an operator without forward-mode AD
-            if plan.method == "generic:reverse":
+            if plan.method is Algorithm.REVERSE:
                 raise
             plan = replace(
                 plan,
-                method="generic:reverse",
+                method=Algorithm.REVERSE,
                 basis_chunk=min(plan.basis_chunk, selection.count),
                 basis=selection.count,
             )
             matrix, flat_output = generic.jacobian(scalars, x, targets, plan)
-    return _result(matrix, flat_output.reshape(batch, *probe.output_shape), plan, selection)
+    return _result(matrix, flat_output.reshape(batch, *profile.output_shape), plan, selection)
 
 
 def _result(
@@ -449,7 +453,7 @@ def _result(
 
 def _shaped_output(model: nn.Module, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """The structured path's flat ``[B, m]`` output in the model's own output shape."""
-    return flat.reshape(flat.shape[0], *_probe(model, x).output_shape)
+    return flat.reshape(flat.shape[0], *_profile(model, x).output_shape)
 
 
 def hessian(
@@ -458,7 +462,7 @@ def hessian(
     *,
     output_index: OutputIndex = None,
     objective: Objective | None = None,
-    method: str = "auto",
+    method: EnginePath | str = EnginePath.AUTO,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> torch.Tensor:
     """``[B, n, n]`` for one output index or an objective, ``[B, k, n, n]`` for a list of k."""
@@ -478,7 +482,7 @@ def jacobian(
     *,
     output_index: OutputIndex = None,
     objective: Objective | None = None,
-    method: str = "auto",
+    method: EnginePath | str = EnginePath.AUTO,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> torch.Tensor:
     """``[B, m, n]`` for all outputs (or a list of m indices), ``[B, n]`` for one index."""

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
 
+from hessian_service.engine.methods import Algorithm
 from hessian_service.engine.planner import Plan
 
 # One sample (shaped like the model's per-sample input) and its target row -> [k] scalars.
@@ -42,7 +43,7 @@ def hessian(scalars: ScalarsFn, x: torch.Tensor, targets: torch.Tensor, plan: Pl
     """
     sample_shape = x.shape[1:]
     n = x[0].numel()
-    reverse = plan.method.endswith("reverse-over-reverse")
+    reverse = plan.method is Algorithm.REVERSE_OVER_REVERSE
 
     def per_sample(sample: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         def flat_scalars(flat: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,7 @@ def jacobian(
     """
     sample_shape = x.shape[1:]
     n = x[0].numel()
-    forward = plan.method.endswith("forward")
+    forward = plan.method is Algorithm.FORWARD
 
     def per_sample(sample: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         def flat_scalars(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,13 +7,67 @@ torch so that ``torch.func`` transforms (vmap, jacrev, jacfwd) compose through i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-ObjectiveKind = Literal["sum", "log_softmax", "mse", "cross_entropy"]
-OBJECTIVE_KINDS: tuple[ObjectiveKind, ...] = ("sum", "log_softmax", "mse", "cross_entropy")
+from hessian_service.engine.methods import _WireEnum
+
+
+class ObjectiveKind(_WireEnum):
+    """The objectives, by the names the API uses for them."""
+
+    SUM = "sum"
+    LOG_SOFTMAX = "log_softmax"
+    MSE = "mse"
+    CROSS_ENTROPY = "cross_entropy"
+
+    @property
+    def needs_index(self) -> bool:
+        return self is ObjectiveKind.LOG_SOFTMAX
+
+    @property
+    def needs_target(self) -> bool:
+        return self in (ObjectiveKind.MSE, ObjectiveKind.CROSS_ENTROPY)
+
+    @property
+    def is_linear(self) -> bool:
+        """True when the objective is linear in the output: its own Hessian is zero."""
+        return self is ObjectiveKind.SUM
+
+
+OBJECTIVE_KINDS: tuple[ObjectiveKind, ...] = tuple(ObjectiveKind)
+
+
+def _sum(output: torch.Tensor, _target: torch.Tensor, _index: int | None) -> torch.Tensor:
+    return output.sum()
+
+
+def _log_softmax(output: torch.Tensor, _target: torch.Tensor, index: int | None) -> torch.Tensor:
+    assert index is not None
+    return torch.log_softmax(output, dim=0)[index]
+
+
+def _mse(output: torch.Tensor, target: torch.Tensor, _index: int | None) -> torch.Tensor:
+    return ((output - target.to(output.dtype)) ** 2).mean()
+
+
+def _cross_entropy(output: torch.Tensor, target: torch.Tensor, _index: int | None) -> torch.Tensor:
+    # Gather the target class without data-dependent Python control flow (vmap-safe).
+    log_probs = torch.log_softmax(output, dim=0)
+    classes = torch.arange(output.shape[0], device=output.device)
+    one_hot = (classes == target.long()).to(output.dtype)
+    return -(log_probs * one_hot).sum()
+
+
+# One sample's flat output, its target row and the objective's index -> the scalar.
+_SCALARS: dict[ObjectiveKind, Callable[[torch.Tensor, torch.Tensor, int | None], torch.Tensor]] = {
+    ObjectiveKind.SUM: _sum,
+    ObjectiveKind.LOG_SOFTMAX: _log_softmax,
+    ObjectiveKind.MSE: _mse,
+    ObjectiveKind.CROSS_ENTROPY: _cross_entropy,
+}
 
 
 @dataclass(frozen=True)
@@ -33,17 +87,20 @@ class Objective:
     target: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in OBJECTIVE_KINDS:
-            raise ValueError(f"Objective: kind must be one of {OBJECTIVE_KINDS}, got {self.kind!r}")
-        if self.kind == "log_softmax" and self.index is None:
-            raise ValueError("Objective: log_softmax needs an index")
-        if self.kind in ("mse", "cross_entropy") and self.target is None:
+        try:  # the names are accepted as well as the enum members
+            object.__setattr__(self, "kind", ObjectiveKind(self.kind))
+        except ValueError:
+            kinds = [str(kind) for kind in ObjectiveKind]
+            raise ValueError(f"Objective: kind must be one of {kinds}, got {self.kind!r}") from None
+        if self.kind.needs_index and self.index is None:
+            raise ValueError(f"Objective: {self.kind} needs an index")
+        if self.kind.needs_target and self.target is None:
             raise ValueError(f"Objective: {self.kind} needs a target")
 
     @property
     def curvature_of_objective_is_zero(self) -> bool:
         """True when the objective is linear in the output (its own Hessian is zero)."""
-        return self.kind == "sum"
+        return self.kind.is_linear
 
     def per_sample_targets(self, batch_size: int, output_numel: int) -> torch.Tensor:
         """Targets as one row per sample (``[B, m]`` for mse, ``[B]`` for cross_entropy).
@@ -54,7 +111,7 @@ class Objective:
         if self.target is None:
             return torch.zeros(batch_size)
         target = self.target
-        if self.kind == "mse":
+        if self.kind is ObjectiveKind.MSE:  # a row shaped like the output
             flat = target.reshape(-1) if target.numel() in (1, output_numel) else None
             if flat is not None:
                 return flat.expand(output_numel).expand(batch_size, output_numel)
@@ -65,21 +122,8 @@ class Objective:
 
     def scalar(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The objective's value for one sample's flattened output and its target row."""
-        if self.kind == "sum":
-            return output.sum()
-        if self.kind == "log_softmax":
-            assert self.index is not None
-            return torch.log_softmax(output, dim=0)[self.index]
-        if self.kind == "mse":
-            return ((output - target.to(output.dtype)) ** 2).mean()
-        # cross_entropy: gather the target class without data-dependent Python control flow.
-        log_probs = torch.log_softmax(output, dim=0)
-        classes = torch.arange(output.shape[0], device=output.device)
-        one_hot = (classes == target.long()).to(output.dtype)
-        return -(log_probs * one_hot).sum()
+        return _SCALARS[self.kind](output, target, self.index)
 
     def describe(self) -> str:
         """Short human name, e.g. ``cross_entropy`` or ``log_softmax[2]``."""
-        if self.kind == "log_softmax":
-            return f"log_softmax[{self.index}]"
-        return self.kind
+        return f"{self.kind}[{self.index}]" if self.kind.needs_index else str(self.kind)

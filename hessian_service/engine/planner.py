@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hessian_service.engine.methods import Algorithm
+
 # Bytes kept alive per activation element and per basis vector, relative to one forward
 # pass: a reverse pass keeps the forward's activations and their cotangents, a
 # forward-over-reverse pass adds the tangents of both. Measured on the bundled models
@@ -28,7 +30,7 @@ class Plan:
     expects (results excluded).
     """
 
-    method: str
+    method: Algorithm
     basis_chunk: int
     batch_chunk: int
     estimated_bytes: int
@@ -74,7 +76,7 @@ def plan_hessian(
         budget=memory_budget_bytes,
     )
     return Plan(
-        method="generic:forward-over-reverse",
+        method=Algorithm.FORWARD_OVER_REVERSE,
         basis_chunk=basis_chunk,
         batch_chunk=batch_chunk,
         estimated_bytes=per_vector * basis_chunk * batch_chunk,
@@ -108,7 +110,7 @@ def plan_jacobian(
         budget=memory_budget_bytes,
     )
     return Plan(
-        method="generic:reverse" if reverse else "generic:forward",
+        method=Algorithm.REVERSE if reverse else Algorithm.FORWARD,
         basis_chunk=basis_chunk,
         batch_chunk=batch_chunk,
         estimated_bytes=per_vector * basis_chunk * batch_chunk,
@@ -137,7 +139,7 @@ def plan_structured_hessian(
     per_sample = 2 * num_scalars * n * n * itemsize
     batch_chunk = _samples_per_chunk(batch, per_sample, memory_budget_bytes)
     return Plan(
-        method="structured",
+        method=Algorithm.STRUCTURED,
         basis_chunk=n,
         batch_chunk=batch_chunk,
         estimated_bytes=per_sample * batch_chunk,
@@ -156,7 +158,7 @@ def plan_structured_jacobian(
     per_sample = 4 * rows * n * itemsize
     batch_chunk = _samples_per_chunk(batch, per_sample, memory_budget_bytes)
     return Plan(
-        method="structured",
+        method=Algorithm.STRUCTURED,
         basis_chunk=rows,
         batch_chunk=batch_chunk,
         estimated_bytes=per_sample * batch_chunk,

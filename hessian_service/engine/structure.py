@@ -1,4 +1,4 @@
-"""What a network's modules say about its input Hessian, without computing it.
+"""What a network's modules or operators say about its input Hessian, without computing it.
 
 A network built only from affine maps has an identically zero input Hessian; one whose
 only non-linearities are piecewise linear (ReLU, max-pool, ...) has a Hessian that is zero
@@ -43,6 +43,85 @@ PIECEWISE_LINEAR_MODULES: tuple[type[nn.Module], ...] = (
     nn.AdaptiveMaxPool2d,
 )
 CONTAINERS: tuple[type[nn.Module], ...] = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# The same two classes as ATen operator names, for graphs (TorchScript, torch.export).
+# Operators whose output is affine in their tensor inputs (or that only look at shapes).
+AFFINE_OPS = frozenset(
+    [
+        "linear",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "_convolution",
+        "convolution",
+        "addmm",
+        "batch_norm",
+        "_native_batch_norm_legit_no_training",
+        "avg_pool1d",
+        "avg_pool2d",
+        "avg_pool3d",
+        "adaptive_avg_pool1d",
+        "adaptive_avg_pool2d",
+        "mean",
+        "sum",
+        "add",
+        "sub",
+        "neg",
+        "view",
+        "reshape",
+        "flatten",
+        "permute",
+        "transpose",
+        "t",
+        "contiguous",
+        "squeeze",
+        "unsqueeze",
+        "expand",
+        "cat",
+        "stack",
+        "select",
+        "slice",
+        "clone",
+        "alias",
+        "detach",
+        "dropout",
+        "feature_dropout",
+        "alpha_dropout",
+        "size",
+        "dim",
+        "len",
+        "ne",
+        "eq",
+        "Int",
+        "Float",
+        "__is__",
+        "__isnot__",
+        "format",
+        "warn",
+        "_assert",
+        "_guards_fn",
+        "sym_size",
+        "lift_fresh_copy",
+    ]
+)
+PIECEWISE_LINEAR_OPS = frozenset(
+    [
+        "relu",
+        "relu_",
+        "relu6",
+        "leaky_relu",
+        "hardtanh",
+        "hardtanh_",
+        "prelu",
+        "max_pool1d",
+        "max_pool2d",
+        "max_pool3d",
+        "max_pool2d_with_indices",
+        "adaptive_max_pool1d",
+        "adaptive_max_pool2d",
+        "clamp",
+        "abs",
+    ]
+)
 
 
 class Curvature(str, Enum):
@@ -95,3 +174,11 @@ def classify(model: nn.Module) -> Curvature:
             continue
         return Curvature.GENERAL
     return Curvature.PIECEWISE_LINEAR if piecewise else Curvature.AFFINE
+
+
+def classify_ops(ops: set[str]) -> Curvature:
+    """Classify a graph from the ATen operator names it calls (``AFFINE_OPS``,
+    ``PIECEWISE_LINEAR_OPS``); any other operator makes the answer ``GENERAL``."""
+    if not ops <= AFFINE_OPS | PIECEWISE_LINEAR_OPS:
+        return Curvature.GENERAL
+    return Curvature.PIECEWISE_LINEAR if ops & PIECEWISE_LINEAR_OPS else Curvature.AFFINE

@@ -1,7 +1,7 @@
 """The structured derivative path for layered networks: exact, dense-matmul only.
 
 For a network of affine maps and elementwise non-linearities, the input Hessian of a
-scalar ``s`` is exactly (DESIGN.md)
+scalar ``s`` is exactly (derivation: docs/engine.md)
 
     H = J_out^T H_obj J_out + sum_l J_l^T diag(g_l * sigma_l''(z_l)) J_l
 
@@ -574,7 +574,7 @@ class Patches:
 
 
 @dataclass
-class _Curvature:
+class _ActivationHessian:
     """The Hessian w.r.t. the current tail activation, ``[B, k, d, d]``: zero, diagonal
     ``[B, k, d]`` or dense -- whichever is exact and cheapest."""
 
@@ -843,7 +843,7 @@ def _add_blocks(
 
 
 def _tail_backward(
-    network: Network, record: _Forward, gradient: torch.Tensor, curvature: _Curvature | None
+    network: Network, record: _Forward, gradient: torch.Tensor, curvature: _ActivationHessian | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradient and curvature down the tail, stopping at the first Linear's output.
 
@@ -888,15 +888,17 @@ def _top(
     indices: torch.Tensor | None,
     objective: ObjectiveFn | None,
     targets: torch.Tensor,
-) -> tuple[torch.Tensor, _Curvature]:
+) -> tuple[torch.Tensor, _ActivationHessian]:
     """Gradient ``[B, k, m]`` and curvature of the selected scalars w.r.t. the output."""
     batch = output.shape[0]
     if objective is None:
         assert indices is not None
         eye = torch.eye(output.shape[1], dtype=output.dtype, device=output.device)
-        return eye[indices.to(output.device)].expand(batch, -1, -1), _Curvature()
+        return eye[indices.to(output.device)].expand(batch, -1, -1), _ActivationHessian()
     gradient = vmap(grad(objective))(output, targets).unsqueeze(1)
-    return gradient, _Curvature(dense=vmap(hessian(objective))(output, targets).unsqueeze(1))
+    return gradient, _ActivationHessian(
+        dense=vmap(hessian(objective))(output, targets).unsqueeze(1)
+    )
 
 
 def hessian_of(

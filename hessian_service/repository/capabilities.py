@@ -23,90 +23,15 @@ from torch.func import jvp, vmap
 from hessian_service.engine import (
     AUTODIFF_LOCK,
     Curvature,
+    DerivativeKind,
+    EnginePath,
     classify,
+    classify_ops,
     compute_hessian,
     compute_jacobian,
     structured,
 )
 
-# Operators whose output is affine in their tensor inputs (or that only look at shapes).
-AFFINE_OPS = frozenset(
-    [
-        "linear",
-        "conv1d",
-        "conv2d",
-        "conv3d",
-        "_convolution",
-        "convolution",
-        "addmm",
-        "batch_norm",
-        "_native_batch_norm_legit_no_training",
-        "avg_pool1d",
-        "avg_pool2d",
-        "avg_pool3d",
-        "adaptive_avg_pool1d",
-        "adaptive_avg_pool2d",
-        "mean",
-        "sum",
-        "add",
-        "sub",
-        "neg",
-        "view",
-        "reshape",
-        "flatten",
-        "permute",
-        "transpose",
-        "t",
-        "contiguous",
-        "squeeze",
-        "unsqueeze",
-        "expand",
-        "cat",
-        "stack",
-        "select",
-        "slice",
-        "clone",
-        "alias",
-        "detach",
-        "dropout",
-        "feature_dropout",
-        "alpha_dropout",
-        "size",
-        "dim",
-        "len",
-        "ne",
-        "eq",
-        "Int",
-        "Float",
-        "__is__",
-        "__isnot__",
-        "format",
-        "warn",
-        "_assert",
-        "_guards_fn",
-        "sym_size",
-        "lift_fresh_copy",
-    ]
-)
-PIECEWISE_LINEAR_OPS = frozenset(
-    [
-        "relu",
-        "relu_",
-        "relu6",
-        "leaky_relu",
-        "hardtanh",
-        "hardtanh_",
-        "prelu",
-        "max_pool1d",
-        "max_pool2d",
-        "max_pool3d",
-        "max_pool2d_with_indices",
-        "adaptive_max_pool1d",
-        "adaptive_max_pool2d",
-        "clamp",
-        "abs",
-    ]
-)
 DROPOUT_OPS = frozenset({"dropout", "feature_dropout", "alpha_dropout", "native_dropout"})
 RANDOM_OPS = frozenset(
     [
@@ -150,9 +75,9 @@ class Capabilities:
     batch: str  # "any": the model takes a batch; "one": exported with a batch of 1
     vmap: bool
     forward_mode: bool
-    engine_path: str  # structured | generic | autograd
-    hessian_method: str  # the engine's method argument for /hessian
-    jacobian_method: str  # ... and for /jacobian
+    engine_path: EnginePath  # structured | generic | autograd: what serves its Hessians
+    hessian_method: EnginePath  # the engine's method argument for /hessian
+    jacobian_method: EnginePath  # ... and for /jacobian
     curvature: Curvature
     random_ops: bool
     random_evidence: tuple[str, ...]
@@ -161,6 +86,13 @@ class Capabilities:
     buffer_bytes: int
     precisions: tuple[str, ...]
     notes: tuple[str, ...]
+
+    def method_for(self, kind: DerivativeKind) -> EnginePath:
+        """The engine path the probe chose for derivatives of ``kind``."""
+        return {
+            DerivativeKind.HESSIAN: self.hessian_method,
+            DerivativeKind.JACOBIAN: self.jacobian_method,
+        }[kind]
 
     @property
     def hessian_zero(self) -> str:
@@ -191,11 +123,7 @@ def curvature_of(module: nn.Module) -> Curvature:
     """From module types (eager models) or graph operators (TorchScript, torch.export);
     anything unknown gives ``GENERAL``, so a zero claim is only made when it is sure."""
     ops = graph_ops(module)
-    if ops is None:
-        return classify(module)
-    if not ops <= AFFINE_OPS | PIECEWISE_LINEAR_OPS:
-        return Curvature.GENERAL
-    return Curvature.PIECEWISE_LINEAR if ops & PIECEWISE_LINEAR_OPS else Curvature.AFFINE
+    return classify(module) if ops is None else classify_ops(ops)
 
 
 def _first_line(error: Exception) -> str:
@@ -235,28 +163,30 @@ def _works(check: object) -> tuple[bool, str | None]:
 
 def _choose_methods(
     module: nn.Module, x: torch.Tensor, vmap_ok: bool, notes: list[str]
-) -> tuple[str, str, str]:
+) -> tuple[EnginePath, EnginePath, EnginePath]:
     """``(engine_path, hessian_method, jacobian_method)`` from trying the engine on one
     sample; the Hessian trial is skipped (and the path read from the network's layers)
     when one ``n x n`` matrix would be too large to compute just to find out."""
     sample_shape = tuple(x.shape[1:])
     n = x[0].numel()
+    row_loop = EnginePath.AUTOGRAD
     if not vmap_ok:
-        compute_hessian(module, x[:1], output_index=0, method="autograd")
-        return "autograd", "autograd", "autograd"
+        compute_hessian(module, x[:1], output_index=0, method=row_loop)
+        return row_loop, row_loop, row_loop
     if n * n > MAX_PROBE_HESSIAN_ENTRIES:
         notes.append(f"Hessian probe skipped: {n} x {n} entries is too large for a trial")
-        path = "structured" if structured.parse(module, sample_shape) is not None else "generic"
-        return path, path, "auto"
+        parsed = structured.parse(module, sample_shape) is not None
+        path = EnginePath.STRUCTURED if parsed else EnginePath.GENERIC
+        return path, path, EnginePath.AUTO
     try:
         result = compute_hessian(module, x[:1], output_index=0)
         compute_jacobian(module, x[:1], output_index=0)
     except Exception as error:  # torch.func cannot run it: the row loop will
         notes.append(f"torch.func: {_first_line(error)}; using the autograd row loop")
-        compute_hessian(module, x[:1], output_index=0, method="autograd")
-        return "autograd", "autograd", "autograd"
-    path = "structured" if result.method == "structured" else "generic"
-    return path, path, "auto"
+        compute_hessian(module, x[:1], output_index=0, method=row_loop)
+        return row_loop, row_loop, row_loop
+    path = result.method.path
+    return path, path, EnginePath.AUTO
 
 
 def probe(

@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from torch import nn
 
-from hessian_service.engine import Curvature
+from hessian_service.engine import Curvature, DerivativeKind, EnginePath
 from hessian_service.errors import Conflict, InvalidInput, NotFound, NotReady
 from hessian_service.names import FILE_PATTERN, NAME_PATTERN, VERSION_PATTERN
 from hessian_service.repository.archives import Format
@@ -149,13 +149,11 @@ class LoadedModel:
                 self._twins[dtype] = copy.deepcopy(self.module).to(dtype)
             return self._twins[dtype]
 
-    def method(self, kind: str) -> str:
-        """The engine method the probe chose for ``kind`` (``hessian`` or ``jacobian``)."""
+    def method(self, kind: DerivativeKind | str) -> EnginePath:
+        """The engine path the probe chose for ``kind`` (``auto`` when not probed)."""
         if self.capabilities is None:
-            return "auto"
-        if kind == "hessian":
-            return self.capabilities.hessian_method
-        return self.capabilities.jacobian_method
+            return EnginePath.AUTO
+        return self.capabilities.method_for(DerivativeKind(kind))
 
 
 @dataclass

@@ -15,14 +15,12 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-from hessian_service.engine import DerivativeResult, Objective
-
-if TYPE_CHECKING:  # hessian_service.serving.service imports this module
-    from hessian_service.serving.service import PreparedRequest
+from hessian_service.engine import DerivativeKind, DerivativeResult, Objective
+from hessian_service.serving.request import PreparedRequest
 
 
 class BatchKey(NamedTuple):
@@ -31,7 +29,7 @@ class BatchKey(NamedTuple):
     model: str
     version: str
     model_id: int  # the LoadedModel's identity
-    kind: str
+    kind: DerivativeKind
     dtype: str
     device: str
     selection: Hashable

@@ -69,7 +69,7 @@ class CrossEntropyObjective(_Strict):
     target: Count | list[Count]
 
 
-Objective = Annotated[
+ObjectiveSpec = Annotated[
     SumObjective | LogSoftmaxObjective | MseObjective | CrossEntropyObjective,
     Field(discriminator="type"),
 ]
@@ -97,7 +97,7 @@ class DerivativeRequest(_Strict):
         "/hessian needs one unless the model has one output or an objective is given; "
         "/jacobian without it returns all outputs.",
     )
-    objective: Objective | None = Field(
+    objective: ObjectiveSpec | None = Field(
         None, description="A scalar built on the output, replacing output_index."
     )
     encoding: Literal["json", "base64", "binary"] = Field(

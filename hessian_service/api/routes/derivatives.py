@@ -15,6 +15,7 @@ from hessian_service.api.deps import ServiceDep
 from hessian_service.api.examples import hessian_examples, jacobian_examples
 from hessian_service.api.responses import problems
 from hessian_service.config import Settings
+from hessian_service.engine import DerivativeKind
 from hessian_service.wire.binary import BINARY_CONTENT_TYPE, HEADER_LENGTH, Encoded
 from hessian_service.wire.schemas import DerivativeRequest, DerivativeResponse
 
@@ -84,7 +85,10 @@ async def post_hessian(
     objective gives `[n, n]`. A batch input `[B, *input_shape]` adds a leading `B`.
     """
     encoded = await service.run(
-        "hessian", request, disconnected=http.is_disconnected, body_bytes=len(await http.body())
+        DerivativeKind.HESSIAN,
+        request,
+        disconnected=http.is_disconnected,
+        body_bytes=len(await http.body()),
     )
     return _response(encoded)
 
@@ -107,6 +111,9 @@ async def post_jacobian(
     `[n]`, a list of k gives `[k, n]`, an objective gives its gradient `[n]`.
     """
     encoded = await service.run(
-        "jacobian", request, disconnected=http.is_disconnected, body_bytes=len(await http.body())
+        DerivativeKind.JACOBIAN,
+        request,
+        disconnected=http.is_disconnected,
+        body_bytes=len(await http.body()),
     )
     return _response(encoded)

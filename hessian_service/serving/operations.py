@@ -1,0 +1,147 @@
+"""One ``Operation`` per derivative kind: everything that differs between the endpoints.
+
+The request checks (``serving.request``), the service, the batcher's key and the response
+builder (``serving.response``) ask the request's operation instead of branching on its
+kind: how many matrix axes one selected scalar has, whether no selection means "every
+output" or is an error, the engine function, the shape of the ``tensor`` layout, what to
+suggest when a result is too large, and the notes that explain a result. A new endpoint
+(a Hessian-vector product, a trace, eigenvalues) is one more ``Operation`` here, its
+engine function and a thin route.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from hessian_service.engine import (
+    Curvature,
+    DerivativeKind,
+    DerivativeResult,
+    EnginePath,
+    Objective,
+    compute_hessian,
+    compute_jacobian,
+)
+from hessian_service.units import format_bytes
+
+
+class Operation(ABC):
+    """What one derivative kind computes, and how its result is shaped and explained."""
+
+    kind: ClassVar[DerivativeKind]
+    # Matrix axes per selected scalar over the n inputs: 1 (a row [n]) or 2 ([n, n]).
+    axes_per_scalar: ClassVar[int]
+    # With neither output_index nor objective: every output (True) or an error unless the
+    # model has one output (False).
+    all_outputs_by_default: ClassVar[bool]
+
+    def entries_per_scalar(self, n: int) -> int:
+        """Result entries per selected scalar of one sample with ``n`` inputs."""
+        return int(n**self.axes_per_scalar)
+
+    def leading_shape(
+        self, matrix_shape: Sequence[int], output_shape: Sequence[int], all_outputs: bool
+    ) -> list[int]:
+        """The result's axes before the per-scalar ``[n]`` / ``[n, n]`` ones, for the
+        ``tensor`` layout: ``[B]``, ``[B, k]`` or, for every output, ``[B, *output_shape]``."""
+        leading = list(matrix_shape[: -self.axes_per_scalar])
+        return [leading[0], *output_shape] if all_outputs else leading
+
+    def smaller_alternative(self, batch: int, scalars: int, n: int, itemsize: int) -> str:
+        """What to ask for instead when this result is over the size limit."""
+        return "ask for fewer output indices"
+
+    def notes(self, curvature: Curvature, objective: Objective | None, zero: bool) -> list[str]:
+        """Sentences that explain a result a user might take for an error."""
+        return [f"Every entry of the {self.kind} is exactly zero at this input."] if zero else []
+
+    @abstractmethod
+    def compute(self, module: nn.Module, x: torch.Tensor, selection: Selection) -> DerivativeResult:
+        """Run this operation's engine function on the batch ``x``."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What to derive and how, for the engine: the outputs or objective, the path the
+    load-time probe chose, and the working-memory budget."""
+
+    output_index: int | list[int] | None
+    objective: Objective | None
+    method: EnginePath
+    memory_budget_bytes: int
+
+    def options(self) -> dict[str, Any]:
+        """The engine functions' keyword arguments (shallow: the objective's tensors are
+        passed, never copied)."""
+        return {
+            "output_index": self.output_index,
+            "objective": self.objective,
+            "method": self.method,
+            "memory_budget_bytes": self.memory_budget_bytes,
+        }
+
+
+class JacobianOperation(Operation):
+    """``POST /jacobian``: ``[B, k, n]`` rows, every output by default."""
+
+    kind = DerivativeKind.JACOBIAN
+    axes_per_scalar = 1
+    all_outputs_by_default = True
+
+    def compute(self, module: nn.Module, x: torch.Tensor, selection: Selection) -> DerivativeResult:
+        return compute_jacobian(module, x, **selection.options())
+
+
+class HessianOperation(Operation):
+    """``POST /hessian``: ``[B, k, n, n]``, of one selected output or an objective."""
+
+    kind = DerivativeKind.HESSIAN
+    axes_per_scalar = 2
+    all_outputs_by_default = False
+
+    def compute(self, module: nn.Module, x: torch.Tensor, selection: Selection) -> DerivativeResult:
+        return compute_hessian(module, x, **selection.options())
+
+    def smaller_alternative(self, batch: int, scalars: int, n: int, itemsize: int) -> str:
+        return f"/jacobian would return {format_bytes(batch * scalars * n * itemsize)}"
+
+    def notes(self, curvature: Curvature, objective: Objective | None, zero: bool) -> list[str]:
+        """The load-time curvature explains zeros (it also reads TorchScript and export
+        graphs): an affine model's Hessian is zero, a piecewise-linear one's almost so."""
+        network_curvature_free = objective is None or objective.curvature_of_objective_is_zero
+        if curvature is Curvature.AFFINE and network_curvature_free:
+            return [
+                "The model is affine in its input (only affine layers such as Linear, Conv "
+                "and average pooling), so its input Hessian is identically zero: this is the "
+                "exact answer, not an error."
+            ]
+        if curvature is Curvature.PIECEWISE_LINEAR and network_curvature_free:
+            return [
+                "The model's non-linearities are piecewise linear (ReLU, max-pool, ...), so "
+                "its input Hessian is zero almost everywhere (it is undefined only on the "
+                "kinks). For curvature, ask for an objective such as cross_entropy or "
+                "log_softmax."
+            ]
+        if curvature is Curvature.PIECEWISE_LINEAR:
+            return [
+                "The model's own curvature is zero almost everywhere (piecewise-linear "
+                "non-linearities), so this Hessian is the objective's curvature seen through "
+                "the network: J^T H_objective J."
+            ]
+        return super().notes(curvature, objective, zero)
+
+
+OPERATIONS: dict[DerivativeKind, Operation] = {
+    operation.kind: operation for operation in (JacobianOperation(), HessianOperation())
+}
+
+
+def operation_for(kind: DerivativeKind | str) -> Operation:
+    """The operation of ``kind`` (its name is accepted too)."""
+    return OPERATIONS[DerivativeKind(kind)]

@@ -1,0 +1,236 @@
+"""Every check a derivative request gets before any work: the request, against its model.
+
+``prepare`` turns a validated body (``wire.schemas.DerivativeRequest``) and the model it
+names into a ``PreparedRequest``, or raises a ``ServiceError`` naming the field at fault:
+the input's shape against the model's (one sample or a batch within the limit), the
+output selection against the model's outputs, the objective's parameters, and the size
+of the result (413 with the estimate, before anything is computed). Decoding a tensor
+object's data is the codec's job (``wire.codec``); judging it against the model is this
+module's, and nothing is checked anywhere else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from hessian_service.engine import DerivativeKind, Objective, ObjectiveKind
+from hessian_service.errors import InvalidInput, TooLarge
+from hessian_service.repository.registry import LoadedModel
+from hessian_service.serving.operations import Operation
+from hessian_service.units import format_bytes
+from hessian_service.wire import codec
+from hessian_service.wire.schemas import (
+    CrossEntropyObjective,
+    DerivativeRequest,
+    LogSoftmaxObjective,
+    MseObjective,
+    SumObjective,
+    TensorObject,
+)
+
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The operator's limits a request is held to (from ``Settings``)."""
+
+    max_samples: int
+    max_output_indices: int
+    max_result_bytes: int
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request decoded and checked against its model: ready to compute."""
+
+    operation: Operation
+    request: DerivativeRequest
+    model: LoadedModel
+    x: torch.Tensor  # [B, *sample_shape] in the compute dtype, on the model's device
+    batched: bool
+    objective: Objective | None
+    output_index: int | list[int] | None
+
+    @property
+    def kind(self) -> DerivativeKind:
+        return self.operation.kind
+
+    @property
+    def all_outputs(self) -> bool:
+        """True when the result covers every output (no index, no objective)."""
+        return (
+            self.operation.all_outputs_by_default
+            and self.output_index is None
+            and self.objective is None
+        )
+
+
+def prepare(
+    operation: Operation, request: DerivativeRequest, model: LoadedModel, limits: RequestLimits
+) -> PreparedRequest:
+    """Decode and check ``request`` for ``model``; raise a ``ServiceError`` before any work."""
+    manifest = model.manifest
+    outputs = math.prod(manifest.output_shape)
+    _check_output_index(request.output_index, outputs, limits.max_output_indices)
+    unselected = request.output_index is None and request.objective is None
+    if unselected and not operation.all_outputs_by_default and outputs != 1:
+        raise InvalidInput(
+            f"output_index: required for /{operation.kind} on {manifest.name!r}, which has "
+            f"{outputs} outputs (or give an objective)",
+            field="output_index",
+        )
+    x, batched = _decode_input(request.inputs[0], manifest.input_shape, limits.max_samples)
+    objective = engine_objective(request, outputs, x.shape[0])
+    scalars = outputs if unselected and operation.all_outputs_by_default else _count(request)
+    _check_result_size(
+        operation, request, x.shape[0], scalars, math.prod(manifest.input_shape), limits
+    )
+    return PreparedRequest(
+        operation=operation,
+        request=request,
+        model=model,
+        x=x.to(device=model.device, dtype=PRECISIONS[request.precision]),
+        batched=batched,
+        objective=objective,
+        output_index=request.output_index,
+    )
+
+
+def _count(request: DerivativeRequest) -> int:
+    """Selected scalars per sample: the list's length, else one (an index or objective)."""
+    index = request.output_index
+    return len(index) if isinstance(index, list) else 1
+
+
+def _decode_input(
+    tensor: TensorObject, sample_shape: list[int], limit: int
+) -> tuple[torch.Tensor, bool]:
+    shape = list(tensor.shape)
+    if shape == sample_shape:
+        batched = False
+    elif len(shape) == len(sample_shape) + 1 and shape[1:] == sample_shape:
+        batched = True
+    else:
+        raise InvalidInput(
+            f"inputs[0].shape: expected {sample_shape} (one sample) or "
+            f"[B, {', '.join(map(str, sample_shape))}] (a batch), got {shape}",
+            field="inputs[0].shape",
+        )
+    if batched and not 1 <= shape[0] <= limit:
+        raise InvalidInput(
+            f"inputs[0].shape: batch size must be between 1 and {limit}, got {shape[0]}",
+            field="inputs[0].shape",
+        )
+    x = codec.decode_tensor(tensor, "inputs[0]")
+    return (x if batched else x.unsqueeze(0)), batched
+
+
+def _check_output_index(
+    output_index: int | list[int] | None, outputs: int, max_indices: int
+) -> None:
+    indices = [output_index] if isinstance(output_index, int) else output_index or []
+    if isinstance(output_index, list) and not 1 <= len(output_index) <= max_indices:
+        raise InvalidInput(
+            f"output_index: a list must hold 1 to {max_indices} indices, got {len(output_index)}",
+            field="output_index",
+        )
+    for index in indices:
+        if not 0 <= index < outputs:
+            raise InvalidInput(
+                f"output_index: {index} is out of range; the model has {outputs} outputs "
+                f"(valid: 0 to {outputs - 1})",
+                field="output_index",
+            )
+
+
+def _check_result_size(
+    operation: Operation,
+    request: DerivativeRequest,
+    batch: int,
+    scalars: int,
+    n: int,
+    limits: RequestLimits,
+) -> None:
+    itemsize = 8 if request.precision == "float64" else 4
+    per_scalar = operation.entries_per_scalar(n)
+    size = batch * scalars * per_scalar * itemsize
+    if size <= limits.max_result_bytes:
+        return
+    raise TooLarge(
+        f"the {operation.kind} would be {format_bytes(size)} ({batch} samples x {scalars} "
+        f"scalars x {per_scalar} entries x {itemsize} bytes), over this server's limit of "
+        f"{format_bytes(limits.max_result_bytes)}; send fewer samples or output "
+        f"indices per request, or use float32; "
+        f"{operation.smaller_alternative(batch, scalars, n, itemsize)}",
+        estimated_bytes=size,
+        limit_bytes=limits.max_result_bytes,
+    )
+
+
+def _mse_target(target: float | list[Any] | TensorObject, outputs: int, batch: int) -> torch.Tensor:
+    field = "objective.target"
+    if isinstance(target, TensorObject):
+        tensor = codec.decode_tensor(target, field)
+    else:
+        codec.check_numbers(target if isinstance(target, list) else [target], field)
+        try:
+            array = np.asarray(target, dtype=np.float64)
+        except (ValueError, TypeError):
+            raise InvalidInput(
+                f"{field}: expected a number or a list of numbers", field=field
+            ) from None
+        tensor = torch.from_numpy(array)
+        if not bool(torch.isfinite(tensor).all()):
+            raise InvalidInput(f"{field}: contains NaN or Inf", field=field)
+    if tensor.numel() not in (1, outputs, batch * outputs):
+        raise InvalidInput(
+            f"{field}: expected 1 number, {outputs} (one per output) or {batch} x {outputs} "
+            f"(per sample) numbers, got {tensor.numel()}",
+            field=field,
+        )
+    return tensor.to(torch.float64)
+
+
+def _classes(spec: CrossEntropyObjective, outputs: int, batch: int) -> torch.Tensor:
+    classes = [spec.target] if isinstance(spec.target, int) else spec.target
+    if len(classes) not in (1, batch):
+        raise InvalidInput(
+            f"objective.target: expected one class or one per sample ({batch}), got {len(classes)}",
+            field="objective.target",
+        )
+    if any(c >= outputs for c in classes):
+        raise InvalidInput(
+            f"objective.target: class indices must be below {outputs}", field="objective.target"
+        )
+    return torch.tensor(classes, dtype=torch.long)
+
+
+def engine_objective(request: DerivativeRequest, outputs: int, batch: int) -> Objective | None:
+    """The request's objective (a wire spec) as the engine's ``Objective``, checked against
+    the model's ``outputs`` and the request's ``batch``; None for an output selection."""
+    spec = request.objective
+    if spec is None:
+        return None
+    if request.output_index is not None:
+        raise InvalidInput(
+            "output_index: give output_index or objective, not both", field="output_index"
+        )
+    if isinstance(spec, SumObjective):
+        return Objective(ObjectiveKind.SUM)
+    if isinstance(spec, LogSoftmaxObjective):
+        if spec.index >= outputs:
+            raise InvalidInput(
+                f"objective.index: {spec.index} is out of range for {outputs} outputs",
+                field="objective.index",
+            )
+        return Objective(ObjectiveKind.LOG_SOFTMAX, index=spec.index)
+    if isinstance(spec, MseObjective):
+        return Objective(ObjectiveKind.MSE, target=_mse_target(spec.target, outputs, batch))
+    assert isinstance(spec, CrossEntropyObjective)
+    return Objective(ObjectiveKind.CROSS_ENTROPY, target=_classes(spec, outputs, batch))

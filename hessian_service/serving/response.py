@@ -1,0 +1,67 @@
+"""The response body of a computed derivative: the matrix, the model output, the metadata.
+
+Shapes follow the request's ``layout`` (``matrix``: ``[n, n]`` / ``[k, n]`` rows over the
+``n`` flattened inputs; ``tensor``: ``input_shape + input_shape`` as
+``torch.autograd.functional`` returns it), a single sample loses its batch axis, and the
+notes say why a result a user might take for an error (zeros) is the exact answer. The
+body keeps tensors as tensor objects whose data the codec writes (``wire.codec``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hessian_service.engine import DerivativeResult
+from hessian_service.repository.registry import LoadedModel
+from hessian_service.serving.request import PreparedRequest
+from hessian_service.wire import codec
+
+
+def describe(
+    prepared: PreparedRequest, result: DerivativeResult, compute_ms: float
+) -> dict[str, Any]:
+    """The response body of ``prepared``, computed as ``result`` in ``compute_ms``."""
+    request, manifest, operation = prepared.request, prepared.model.manifest, prepared.operation
+    sample_shape = list(manifest.input_shape)
+    matrix = result.selected
+    if request.layout == "tensor":
+        leading = operation.leading_shape(matrix.shape, manifest.output_shape, prepared.all_outputs)
+        matrix = matrix.reshape(*leading, *(sample_shape * operation.axes_per_scalar))
+    output = result.output
+    if not prepared.batched:
+        matrix, output = matrix[0], output[0]
+    zero = not bool(matrix.count_nonzero())
+    notes = operation.notes(prepared.model.curvature, prepared.objective, zero)
+    return {
+        "model": manifest.name,
+        "model_version": manifest.version,
+        "outputs": [
+            codec.tensor_object(str(operation.kind), matrix, request.encoding),
+            codec.tensor_object("output", output, request.encoding),
+        ],
+        "metadata": {
+            "output_index": request.output_index,
+            "objective": prepared.objective.describe() if prepared.objective else "output",
+            "sample_shape": sample_shape,
+            "batch_size": int(prepared.x.shape[0]) if prepared.batched else None,
+            "method": result.method,
+            "device": str(prepared.x.device),
+            "precision": request.precision,
+            "layout": request.layout,
+            "compute_ms": round(compute_ms, 3),
+            "zero": zero,
+            "notes": notes + random_notes(prepared.model),
+        },
+    }
+
+
+def random_notes(model: LoadedModel) -> list[str]:
+    """A warning when the load-time probe found random operations in the model."""
+    report = model.capabilities
+    if report is None or not report.random_ops:
+        return []
+    evidence = "; ".join(report.random_evidence) or "its forward passes differ"
+    return [
+        f"The model holds random operations ({evidence}): this is the derivative of one "
+        "random draw, and another request may differ."
+    ]
