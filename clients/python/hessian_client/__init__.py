@@ -6,13 +6,23 @@ from hessian_client import Client
 H = Client("http://127.0.0.1:8000").hessian("digits_cnn", x, output_index=2)
 ```
 
-Depends on httpx and numpy only; results are ``torch.Tensor`` when torch is installed
-(numpy arrays with ``as_numpy=True``). ``Client.bulk_hessian`` streams many Hessians to a
-file; ``AsyncClient`` is the asyncio twin; every failure is a ``HessianServiceError``.
+Depends on httpx and numpy only. Results are ``torch.Tensor`` (torch is the optional
+extra ``hessian-client[torch]``), or numpy arrays with ``as_numpy=True``; asking for a
+tensor without torch installed raises ``TorchNotInstalledError`` before anything is
+sent. ``Client.bulk_hessian`` streams many Hessians to a file (numpy only);
+``AsyncClient`` is the asyncio twin; every failure is a ``HessianServiceError``.
 """
 
+from hessian_client._arrays import Result, TorchNotInstalledError
 from hessian_client._retry import RetryPolicy
 from hessian_client._wire import HessianServiceError
-from hessian_client.client import AsyncClient, Client, Result
+from hessian_client.client import AsyncClient, Client
 
-__all__ = ["AsyncClient", "Client", "HessianServiceError", "Result", "RetryPolicy"]
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "HessianServiceError",
+    "Result",
+    "RetryPolicy",
+    "TorchNotInstalledError",
+]

@@ -22,13 +22,15 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, TypeAlias
+from typing import Any, Protocol, TextIO, TypeAlias
 
 import httpx
 import numpy as np
 
+from hessian_client._arrays import Encoding, Kind, Result, as_array
 from hessian_client._wire import (
     HEADER_LENGTH,
     NUMPY_DTYPES,
@@ -38,11 +40,46 @@ from hessian_client._wire import (
 )
 from hessian_client.files import PARTIAL_SUFFIX, Inputs, OutputFile
 
-if TYPE_CHECKING:
-    from hessian_client.client import Client, Kind
-
 InputsLike: TypeAlias = "np.ndarray | str | os.PathLike[str] | Any"
 RECORD_SUFFIX = PARTIAL_SUFFIX + ".json"
+
+
+class DerivativeClient(Protocol):
+    """What ``run`` needs of a client; ``hessian_client.Client`` is one.
+
+    A protocol rather than ``Client`` itself: the client calls ``run``, so ``run``
+    importing the client would make the two modules import each other.
+    """
+
+    def model(self, name: str) -> dict[str, Any]:
+        """The model's description (``run`` reads its ``input_shape``)."""
+        ...
+
+    def compute(
+        self,
+        kind: Kind,
+        model: str,
+        x: Any,
+        *,
+        output_index: int | list[int] | None = None,
+        objective: dict[str, Any] | None = None,
+        layout: str = "matrix",
+        precision: str = "float32",
+        encoding: Encoding = "binary",
+    ) -> Result:
+        """One whole answer (``run`` sends one sample first to learn the result's shape)."""
+        ...
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        consume: Callable[[httpx.Response], Any] | None = None,
+    ) -> Any:
+        """Send with the client's retries; ``consume`` reads the streamed response."""
+        ...
 
 
 class Progress:
@@ -187,7 +224,7 @@ class _Stream:
 
 
 def run(
-    client: Client,
+    client: DerivativeClient,
     kind: Kind,
     model: str,
     inputs: InputsLike,
@@ -213,7 +250,7 @@ def run(
     if batch_size < 1 or concurrency < 1:
         raise ValueError("batch_size and concurrency must be at least 1")
     source = Inputs(
-        inputs if isinstance(inputs, (str, os.PathLike)) else _array(inputs), inputs_key
+        inputs if isinstance(inputs, (str, os.PathLike)) else as_array(inputs), inputs_key
     )
     sample_shape = list(client.model(model)["input_shape"])
     if len(source.shape) != len(sample_shape) + 1 or list(source.shape[1:]) != sample_shape:
@@ -294,9 +331,3 @@ def run(
     path = output.finish()
     record.close(remove=True)
     return path
-
-
-def _array(x: Any) -> np.ndarray:
-    from hessian_client.client import as_array
-
-    return as_array(x)

@@ -1,9 +1,11 @@
 """``Client`` (blocking) and ``AsyncClient``: one call, one tensor.
 
 ``Client(url).hessian("digits_cnn", x, output_index=2)`` sends ``x`` (numpy, torch or
-nested lists) as base64, asks for the binary encoding, and returns a ``torch.Tensor``
-(a numpy array with ``as_numpy=True``, or when torch is not installed). Errors come as
-one exception type, ``HessianServiceError``, carrying the server's problem details.
+nested lists) as base64, asks for the binary encoding, and returns a ``torch.Tensor``,
+or a numpy array with ``as_numpy=True``. torch is optional (``hessian-client[torch]``):
+without it, a call that wants a tensor raises ``TorchNotInstalledError`` before it sends
+anything. Errors come as one exception type, ``HessianServiceError``, carrying the
+server's problem details.
 """
 
 from __future__ import annotations
@@ -11,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import httpx
-import numpy as np
 
+from hessian_client._arrays import Encoding, Kind, Result, as_array, converter
 from hessian_client._retry import RETRY_STATUSES, RetryPolicy
 from hessian_client._wire import (
     HessianServiceError,
@@ -25,45 +26,12 @@ from hessian_client._wire import (
     derivative_body,
     error_from,
 )
-
-if TYPE_CHECKING:
-    from hessian_client.bulk import InputsLike
+from hessian_client.bulk import InputsLike, run
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-Kind = Literal["hessian", "jacobian"]
-Encoding = Literal["binary", "base64", "json"]
 T = TypeVar("T")
 # /health/ready answers 503 while loading: that is the answer, so only 429 is retried.
 NOT_READY_RETRIES = frozenset({429})
-
-
-@dataclass(frozen=True)
-class Result:
-    """A /hessian or /jacobian answer: the matrix, the model's output, the metadata."""
-
-    value: np.ndarray
-    output: np.ndarray
-    metadata: dict[str, Any]
-    model: str
-    model_version: str
-
-
-def as_array(x: Any) -> np.ndarray:
-    """numpy, torch (any device) or nested lists as a numpy array."""
-    if hasattr(x, "detach"):  # a torch.Tensor, without importing torch
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def to_tensor(array: np.ndarray, as_numpy: bool) -> Any:
-    """A numpy array, or a torch.Tensor sharing a writable copy of it."""
-    if as_numpy:
-        return array
-    try:
-        import torch
-    except ImportError:  # the client works without torch: numpy it is
-        return array
-    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def _result(kind: Kind, response: httpx.Response) -> Result:
@@ -232,7 +200,12 @@ class Client(_Base):
         encoding: Encoding = "binary",
         as_numpy: bool = False,
     ) -> Any:
-        """The input Hessian: ``[n, n]`` for one sample, ``[B, n, n]`` for a batch."""
+        """The input Hessian: ``[n, n]`` for one sample, ``[B, n, n]`` for a batch.
+
+        A ``torch.Tensor``, or a numpy array with ``as_numpy=True``; without torch
+        installed, a tensor call raises ``TorchNotInstalledError`` and sends nothing.
+        """
+        convert = converter(as_numpy)  # before sending: no torch, no server work
         result = self.compute(
             "hessian",
             model,
@@ -243,7 +216,7 @@ class Client(_Base):
             precision=precision,
             encoding=encoding,
         )
-        return to_tensor(result.value, as_numpy)
+        return convert(result.value)
 
     def jacobian(
         self,
@@ -258,6 +231,7 @@ class Client(_Base):
         as_numpy: bool = False,
     ) -> Any:
         """The input Jacobian: ``[m, n]`` (all outputs), ``[n]`` for one index, ..."""
+        convert = converter(as_numpy)  # before sending: no torch, no server work
         result = self.compute(
             "jacobian",
             model,
@@ -268,18 +242,14 @@ class Client(_Base):
             precision=precision,
             encoding=encoding,
         )
-        return to_tensor(result.value, as_numpy)
+        return convert(result.value)
 
     def bulk_hessian(self, model: str, inputs: InputsLike, **options: Any) -> Path:
         """Hessians of many inputs streamed to a file; see ``hessian_client.bulk.run``."""
-        from hessian_client.bulk import run
-
         return run(self, "hessian", model, inputs, **options)
 
     def bulk_jacobian(self, model: str, inputs: InputsLike, **options: Any) -> Path:
         """Jacobians of many inputs streamed to a file; see ``hessian_client.bulk.run``."""
-        from hessian_client.bulk import run
-
         return run(self, "jacobian", model, inputs, **options)
 
 
@@ -387,6 +357,7 @@ class AsyncClient(_Base):
         as_numpy: bool = False,
     ) -> Any:
         """The input Hessian, as ``Client.hessian``."""
+        convert = converter(as_numpy)  # before sending: no torch, no server work
         result = await self.compute(
             "hessian",
             model,
@@ -397,7 +368,7 @@ class AsyncClient(_Base):
             precision=precision,
             encoding=encoding,
         )
-        return to_tensor(result.value, as_numpy)
+        return convert(result.value)
 
     async def jacobian(
         self,
@@ -412,6 +383,7 @@ class AsyncClient(_Base):
         as_numpy: bool = False,
     ) -> Any:
         """The input Jacobian, as ``Client.jacobian``."""
+        convert = converter(as_numpy)  # before sending: no torch, no server work
         result = await self.compute(
             "jacobian",
             model,
@@ -422,4 +394,4 @@ class AsyncClient(_Base):
             precision=precision,
             encoding=encoding,
         )
-        return to_tensor(result.value, as_numpy)
+        return convert(result.value)

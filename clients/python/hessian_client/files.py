@@ -53,7 +53,13 @@ class Inputs:
                 raise HessianServiceError(f"{path}: expected a C-ordered numeric array")
             self.shape, self.dtype = tuple(shape), dtype
         elif path.suffix == ".safetensors":
-            from safetensors import safe_open
+            try:
+                from safetensors import safe_open
+            except ImportError as exc:  # optional: the client needs only httpx and numpy
+                raise HessianServiceError(
+                    f"{path}: reading .safetensors inputs needs the safetensors package "
+                    "(`pip install 'hessian-client[safetensors]'`), or pass a .npy file"
+                ) from exc
 
             opener: Any = safe_open  # untyped; kept open for get_slice reads
             self._array = None
