@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 # glibc keeps freed pages with these: the vectorized derivative code otherwise spends
-# most of its time in page faults (DESIGN.md, "Facts about the build machines"). glibc
+# most of its time in page faults (docs/engine.md, "The allocator settings"). glibc
 # reads them at process start, so they go into the server's environment.
 ALLOCATOR_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "4294967296",
