@@ -22,6 +22,12 @@ ROOT = Path(__file__).resolve().parents[2]
 CLIENT = ROOT / "clients" / "python" / "hessian_client"
 
 
+@pytest.fixture(autouse=True)
+def _restore_sys_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_import_cycles.main puts --path on sys.path; each test gets the path back."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+
 def write_package(root: Path, files: dict[str, str]) -> None:
     """Write ``{"pkg/mod.py": source}`` under ``root``, dedented."""
     for name, source in files.items():
