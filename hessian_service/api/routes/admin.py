@@ -6,15 +6,16 @@ answers 401 with ``WWW-Authenticate: Bearer``; tokens are compared in constant t
 The token is checked before the body is read. The body's size is limited by
 ``HESSIAN_MAX_UPLOAD_BYTES`` (``hessian_service.api.middleware``), before it is read, too.
 
-Loading runs in a worker thread, off the event loop, so that requests on other models
-go on; the new model is published by an atomic swap of the registry's dictionaries.
+The handlers parse the form; staging, loading and publishing are
+``repository.management``'s, in a worker thread, off the event loop, so that requests on
+other models go on; the new model is published by an atomic swap of the registry's
+dictionaries.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
-import shutil
-from pathlib import Path
 from typing import Annotated
 
 import anyio
@@ -25,20 +26,16 @@ from starlette.datastructures import UploadFile
 
 from hessian_service.api.deps import ModelRef, RegistryDep
 from hessian_service.api.responses import problems
-from hessian_service.api.routes.models import model_info
 from hessian_service.config import Settings
-from hessian_service.errors import Conflict, Forbidden, InvalidInput, Unauthorized
-from hessian_service.repository.archives import UnsafeModelFile
+from hessian_service.errors import Forbidden, InvalidInput, Unauthorized
+from hessian_service.repository import management
 from hessian_service.repository.isolation import IsolationLimits
 from hessian_service.repository.loaders import DEFAULT_FILES
 from hessian_service.repository.registry import (
-    MANIFEST_NAME,
-    LoadedModel,
     Manifest,
-    Registry,
-    load_model,
 )
 from hessian_service.repository.uploads import UploadStore
+from hessian_service.serving.model_info import model_info
 from hessian_service.wire.fields import field_name
 from hessian_service.wire.schemas import ModelInfo, ModelList
 
@@ -137,59 +134,6 @@ async def _text(part: str | UploadFile | None, name: str) -> str:
     return part
 
 
-def _is_loaded(registry: Registry, manifest: Manifest) -> bool:
-    return manifest.version in registry.versions.get(manifest.name, {})
-
-
-def _conflict(manifest: Manifest) -> Conflict:
-    return Conflict(
-        f"model {manifest.ref} is already loaded; DELETE it first or ask for replace=true",
-        field="manifest.version",
-    )
-
-
-def _stage(store: UploadStore, manifest: Manifest, upload: UploadFile) -> Path:
-    staging = store.stage()
-    (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(exclude_none=True, indent=2))
-    with (staging / manifest.file_name).open("wb") as out:
-        upload.file.seek(0)
-        shutil.copyfileobj(upload.file, out)
-    return staging
-
-
-def _load(
-    staging: Path, registry: Registry, settings: Settings, store: UploadStore, replace: bool
-) -> LoadedModel:
-    """Load and probe the staged model, then publish it (this runs in a worker thread)."""
-    try:
-        loaded = load_model(
-            staging,
-            registry.device,
-            source="upload",
-            max_unpacked_bytes=4 * settings.max_upload_bytes,
-            isolation=IsolationLimits(
-                memory_bytes=settings.upload_check_memory_bytes,
-                timeout_s=settings.upload_check_timeout_s,
-            ),
-        )
-    except UnsafeModelFile as error:
-        store.discard(staging)
-        raise InvalidInput(str(error), field="file") from None
-    except Exception as error:  # whatever the model's own code raised while loading
-        store.discard(staging)
-        raise InvalidInput(
-            f"file: the model failed to load: {type(error).__name__}: {error}", field="file"
-        ) from None
-    manifest = loaded.manifest
-    with store.lock:
-        if not replace and _is_loaded(registry, manifest):
-            store.discard(staging)
-            raise _conflict(manifest)
-        loaded.folder = store.commit(staging, manifest.name, manifest.version)
-        registry.add(loaded, replace=replace)
-    return loaded
-
-
 @router.post(
     "/models",
     status_code=201,
@@ -213,26 +157,26 @@ async def register_model(
     store: UploadStore = request.app.state.uploads
     async with request.form(max_files=1, max_fields=1) as form:
         manifest = _manifest(await _text(form.get("manifest"), "manifest"))
-        if not replace and _is_loaded(registry, manifest):
-            raise _conflict(manifest)  # before the file is staged and loaded
+        if not replace:
+            management.check_not_loaded(registry, manifest)  # before the file is staged
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise InvalidInput(
                 "file: a required multipart/form-data file part is missing", field="file"
             )
-        staging = await anyio.to_thread.run_sync(_stage, store, manifest, upload)
-    loaded = await anyio.to_thread.run_sync(_load, staging, registry, settings, store, replace)
+        staging = await anyio.to_thread.run_sync(management.stage, store, manifest, upload.file)
+    limits = management.UploadLimits(
+        max_unpacked_bytes=4 * settings.max_upload_bytes,
+        isolation=IsolationLimits(
+            memory_bytes=settings.upload_check_memory_bytes,
+            timeout_s=settings.upload_check_timeout_s,
+        ),
+    )
+    loaded = await anyio.to_thread.run_sync(
+        functools.partial(management.register, staging, registry, store, limits, replace=replace)
+    )
     response.headers["Location"] = f"/models/{loaded.manifest.ref}"
     return model_info(loaded, registry)
-
-
-def _remove(store: UploadStore, registry: Registry, ref: str) -> list[LoadedModel]:
-    with store.lock:
-        removed = registry.remove(ref)
-        for entry in removed:
-            if entry.source == "upload" and entry.folder is not None:
-                store.discard(entry.folder)
-    return removed
 
 
 @router.delete(
@@ -249,5 +193,5 @@ async def delete_model(
     model's files are deleted too; a model from HESSIAN_MODELS_DIR is only unloaded (its
     folder is the operator's) and comes back at the next start."""
     store: UploadStore = request.app.state.uploads
-    removed = await anyio.to_thread.run_sync(_remove, store, registry, name)
+    removed = await anyio.to_thread.run_sync(management.unregister, store, registry, name)
     return ModelList(models=[model_info(entry) for entry in removed])

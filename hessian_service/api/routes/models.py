@@ -6,57 +6,14 @@ the capability report of its load-time probe (``hessian_service.repository.capab
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from fastapi import APIRouter
 
 from hessian_service.api.deps import ModelRef, RegistryDep
 from hessian_service.api.responses import problems
-from hessian_service.repository.registry import FailedModel, LoadedModel, Registry
-from hessian_service.wire.schemas import CapabilityReport, ModelInfo, ModelList
+from hessian_service.serving.model_info import model_info
+from hessian_service.wire.schemas import ModelInfo, ModelList
 
 router = APIRouter(tags=["models"])
-
-
-def _report(entry: LoadedModel) -> CapabilityReport | None:
-    found = entry.capabilities
-    if found is None:
-        return None
-    return CapabilityReport.model_validate(
-        {**asdict(found), "curvature": found.curvature.value, "hessian_zero": found.hessian_zero}
-    )
-
-
-def model_info(entry: LoadedModel | FailedModel, registry: Registry | None = None) -> ModelInfo:
-    """The public description of a loaded or failed model."""
-    if isinstance(entry, FailedModel):
-        return ModelInfo(
-            name=entry.name,
-            version="",
-            description="",
-            input_shape=[],
-            output_shape=[],
-            device=None,
-            ready=False,
-            error=entry.error,
-        )
-    manifest = entry.manifest
-    latest = registry.models.get(manifest.name) is entry if registry is not None else None
-    return ModelInfo(
-        name=manifest.name,
-        version=manifest.version,
-        description=manifest.description,
-        input_shape=manifest.input_shape,
-        output_shape=manifest.output_shape,
-        device=str(entry.device),
-        ready=True,
-        curvature=entry.curvature.value,
-        training=manifest.training,
-        format=manifest.format,
-        latest=latest,
-        source=entry.source,
-        capabilities=_report(entry),
-    )
 
 
 @router.get(
