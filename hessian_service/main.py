@@ -21,6 +21,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hessian_service.api.middleware import BodySizeLimit
+from hessian_service.api.observability import ObservabilityMiddleware, configure_access_log
 from hessian_service.api.responses import install_problem_schemas
 from hessian_service.api.routes import admin, derivatives, health, metrics, models, v2
 from hessian_service.config import Settings
@@ -31,7 +32,7 @@ from hessian_service.errors import (
     problem_of,
     status_of,
 )
-from hessian_service.metrics import Metrics, ObservabilityMiddleware, configure_access_log
+from hessian_service.metrics import Metrics
 from hessian_service.repository.registry import Registry, resolve_device
 from hessian_service.repository.uploads import UploadStore
 from hessian_service.serving.service import DerivativeService
