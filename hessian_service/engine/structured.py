@@ -1,7 +1,7 @@
 """The structured derivative path for layered networks: exact, dense-matmul only.
 
 For a network of affine maps and elementwise non-linearities, the input Hessian of a
-scalar ``s`` is exactly (derivation: docs/engine.md)
+scalar ``s`` is exactly (derivation: docs/engine.md, "The structured path's Hessian")
 
     H = J_out^T H_obj J_out + sum_l J_l^T diag(g_l * sigma_l''(z_l)) J_l
 
