@@ -5,11 +5,19 @@ running server with the Python client: ``hessian --model quadratic4 --input x.np
 --output-index 2 --out h.npy`` writes the Hessian at ``x`` to ``h.npy``. An input shaped
 like the model's input is one sample (the file holds one matrix); ``[N, *input_shape]``
 is N samples, sent in batches with a progress bar on stderr, streamed to the file.
+
+What each needs: ``serve`` needs the server's packages (torch, FastAPI, uvicorn: the
+``hessian-service`` distribution) and says so when one is missing; the client commands
+import only ``hessian_client`` (httpx and numpy), never torch or the server. The command
+is ``<venv>/bin/hessian-service``: its script runs that venv's Python, so it works by
+absolute path without activating the venv, and ``serve`` execs uvicorn with that same
+interpreter (``sys.executable``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -22,11 +30,26 @@ from hessian_client._wire import HessianServiceError
 from hessian_service.local_server import ALLOCATOR_ENV, uvicorn_command
 
 DEFAULT_URL = os.environ.get("HESSIAN_URL", "http://127.0.0.1:8000")
+# What `serve` runs on; the client commands need none of them.
+SERVER_PACKAGES = ("uvicorn", "fastapi", "torch")
 
 
 def _serve(args: argparse.Namespace) -> int:
     """Exec uvicorn on ``hessian_service.main:app`` with the allocator settings in its environment
-    (glibc reads them at process start, so they cannot be set from inside)."""
+    (glibc reads them at process start, so they cannot be set from inside).
+
+    Checks first (without importing them) that the server's packages are installed in
+    this interpreter, so a missing one is one clear line, not a child's traceback.
+    """
+    missing = [name for name in SERVER_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        print(
+            f"hessian-service serve: {', '.join(missing)} not installed in {sys.executable}'s "
+            "environment; the server needs the hessian-service distribution with its "
+            "dependencies (`pip install torch==2.13.0 .` in a checkout), not only hessian-client",
+            file=sys.stderr,
+        )
+        return 1
     env = {**ALLOCATOR_ENV, **os.environ}
     options = ["--workers", str(args.workers)] if args.workers > 1 else []
     if args.no_access_log:

@@ -46,7 +46,12 @@ def free_port(host: str = LOCALHOST) -> int:
 
 
 def uvicorn_command(host: str, port: int, options: Sequence[str] = ()) -> list[str]:
-    """``python -m uvicorn hessian_service.main:app`` on ``host:port``, with uvicorn ``options``."""
+    """``python -m uvicorn hessian_service.main:app`` on ``host:port``, with uvicorn ``options``.
+
+    ``python`` is this interpreter (``sys.executable``), so the server runs in the same
+    environment as its caller -- a venv's ``bin/hessian-service`` serves that venv's
+    packages whether or not the venv is activated.
+    """
     command = [sys.executable, "-m", "uvicorn", "hessian_service.main:app", "--host", host]
     return [*command, "--port", str(port), *options]
 
@@ -77,16 +82,24 @@ def local_server(
     uvicorn_options: Sequence[str] = ("--no-access-log",),
     ready_timeout_s: float = 60.0,
     cwd: Path | None = None,
+    launcher: Sequence[str] | None = None,
 ) -> Iterator[str]:
     """Start the service on a free port of 127.0.0.1 with ``HESSIAN_*`` ``settings`` and
     yield its base URL once ``/health/ready`` answers 200; stop it on exit.
 
     Raises ``ServerDidNotStart`` (with the server's stderr) if it exits first or is not
     ready within ``ready_timeout_s``. ``cwd`` is the server's working directory (this
-    process's by default).
+    process's by default). ``launcher`` replaces ``python -m uvicorn
+    hessian_service.main:app``: the command is ``[*launcher, "--host", host, "--port",
+    port, *uvicorn_options]``, e.g. ``[".../bin/hessian-service", "serve"]`` to run an
+    installed command (whose ``serve`` takes ``--no-access-log`` too).
     """
     with local_server_process(
-        settings, uvicorn_options=uvicorn_options, ready_timeout_s=ready_timeout_s, cwd=cwd
+        settings,
+        uvicorn_options=uvicorn_options,
+        ready_timeout_s=ready_timeout_s,
+        cwd=cwd,
+        launcher=launcher,
     ) as (url, _process):
         yield url
 
@@ -98,14 +111,19 @@ def local_server_process(
     uvicorn_options: Sequence[str] = ("--no-access-log",),
     ready_timeout_s: float = 60.0,
     cwd: Path | None = None,
+    launcher: Sequence[str] | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``local_server``, yielding the server's process too (the soak reads its memory
     from ``/proc/<pid>``)."""
     port = free_port()
     url = f"http://{LOCALHOST}:{port}"
+    if launcher is None:
+        command = uvicorn_command(LOCALHOST, port, uvicorn_options)
+    else:
+        command = [*launcher, "--host", LOCALHOST, "--port", str(port), *uvicorn_options]
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(
-            uvicorn_command(LOCALHOST, port, uvicorn_options),
+            command,
             cwd=cwd,
             env=server_env(settings or {}),
             stdin=subprocess.DEVNULL,
