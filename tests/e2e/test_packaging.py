@@ -46,7 +46,7 @@ NOT_SOURCE = shutil.ignore_patterns(
     ".hypothesis", "shared", "tmp",
 )  # fmt: skip
 
-# The README's "client alone" block (the lead's README carries the same text).
+# The "client alone" block of README.md and clients/python/README.md.
 CLIENT_ONLY_EXAMPLE = """\
 import numpy as np
 from hessian_client import Client
@@ -143,14 +143,16 @@ def _check_prints(code: str, stdout: str) -> None:
         assert output.strip() == line.split("#", 1)[1].strip(), (line, output)
 
 
-def _hessian_requests(url: str) -> float:
-    """``hessian_requests_total`` on /hessian, every status: what the server was sent."""
+def _derivative_requests(url: str) -> float:
+    """``hessian_requests_total`` on /hessian and /jacobian, every status: what the
+    server was sent."""
     text = httpx.get(f"{url}/metrics", trust_env=False, timeout=30).text
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == "hessian_requests_total" and sample.labels.get("route") == "/hessian"
+        if sample.name == "hessian_requests_total"
+        and sample.labels.get("route") in ("/hessian", "/jacobian")
     )
 
 
@@ -281,6 +283,7 @@ def test_client_alone_installs_none_of_the_server(client_venv: Venv, tmp_path: P
 
 
 def test_client_alone_gets_numpy_arrays(client_venv: Venv, server_url: str, tmp_path: Path) -> None:
+    assert CLIENT_ONLY_EXAMPLE in (ROOT / "clients" / "python" / "README.md").read_text()
     code = CLIENT_ONLY_EXAMPLE.replace(QUICK_START_URL, server_url)
     result = client_venv.run("-c", code, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -290,13 +293,13 @@ def test_client_alone_gets_numpy_arrays(client_venv: Venv, server_url: str, tmp_
 def test_client_alone_refuses_tensors_before_sending(
     client_venv: Venv, server_url: str, tmp_path: Path
 ) -> None:
-    before = _hessian_requests(server_url)
+    before = _derivative_requests(server_url)
     result = client_venv.run("-c", TENSOR_WITHOUT_TORCH, server_url, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["True True torch", TORCH_MISSING] * 4
     assert "pass as_numpy=True for numpy arrays" in TORCH_MISSING
     assert "pip install 'hessian-client[torch]'" in TORCH_MISSING
-    assert _hessian_requests(server_url) == before  # nothing reached the server
+    assert _derivative_requests(server_url) == before  # nothing reached the server
     # The count does see this client's requests: the same call with numpy is one more.
     code = (
         "import sys; from hessian_client import Client; "
@@ -305,7 +308,7 @@ def test_client_alone_refuses_tensors_before_sending(
     )
     numpy_call = client_venv.run("-c", code, server_url, cwd=tmp_path)
     assert numpy_call.stdout.strip() == str(QUADRATIC4_HESSIAN_2), numpy_call.stderr
-    assert _hessian_requests(server_url) == before + 1
+    assert _derivative_requests(server_url) == before + 1
 
 
 def test_client_commands_need_only_the_client(
