@@ -62,6 +62,21 @@ print(client.jacobian("digits_cnn", image, as_numpy=True).shape)  # (10, 784)
 client.close()
 """
 
+# Three samples to a .npy file by the bulk path, in the client-only venv.
+BULK_WITHOUT_TORCH = """\
+import sys
+
+import numpy as np
+from hessian_client import Client
+
+with Client(sys.argv[1]) as client:
+    x = 2 * np.ones((3, 4), dtype=np.float32)
+    path = client.bulk_hessian("quadratic4", x, out=sys.argv[2], output_index=2, progress=False)
+H = np.load(path)
+print(H.shape, H.dtype)
+print(all(np.array_equal(h, np.diag([0.0, 0.0, 4.0, 0.0])) for h in H))
+"""
+
 # Every call that returns a tensor, without torch: each must raise before it sends.
 TENSOR_WITHOUT_TORCH = """\
 import asyncio
@@ -288,6 +303,10 @@ def test_client_alone_gets_numpy_arrays(client_venv: Venv, server_url: str, tmp_
     result = client_venv.run("-c", code, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     _check_prints(code, result.stdout)
+    # The bulk call writes files: numpy only, no torch involved.
+    bulk = client_venv.run("-c", BULK_WITHOUT_TORCH, server_url, tmp_path / "h.npy", cwd=tmp_path)
+    assert bulk.returncode == 0, bulk.stderr
+    assert bulk.stdout.splitlines() == ["(3, 4, 4) float32", "True"]
 
 
 def test_client_alone_refuses_tensors_before_sending(
