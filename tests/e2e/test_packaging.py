@@ -298,7 +298,8 @@ def test_client_alone_installs_none_of_the_server(client_venv: Venv, tmp_path: P
 
 
 def test_client_alone_gets_numpy_arrays(client_venv: Venv, server_url: str, tmp_path: Path) -> None:
-    assert CLIENT_ONLY_EXAMPLE in (ROOT / "clients" / "python" / "README.md").read_text()
+    for readme in (ROOT / "README.md", ROOT / "clients" / "python" / "README.md"):
+        assert CLIENT_ONLY_EXAMPLE in readme.read_text(), f"{readme} lost the client-alone block"
     code = CLIENT_ONLY_EXAMPLE.replace(QUICK_START_URL, server_url)
     result = client_venv.run("-c", code, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
