@@ -4,13 +4,14 @@ The request checks (``serving.request``), the service, the batcher's key and the
 builder (``serving.response``) ask the request's operation instead of branching on its
 kind: how many matrix axes one selected scalar has, whether no selection means "every
 output" or is an error, the engine function, the shape of the ``tensor`` layout, what to
-suggest when a result is too large, and the notes that explain a result. A new endpoint
-(a Hessian-vector product, a trace, eigenvalues) is one more ``Operation`` here, its
-engine function and a thin route.
+suggest when a result is too large, the notes that explain a result, and the one 2-D
+grid the png encoding draws of it. A new endpoint (a Hessian-vector product, a trace,
+eigenvalues) is one more ``Operation`` here, its engine function and a thin route.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +62,12 @@ class Operation(ABC):
         """Sentences that explain a result a user might take for an error."""
         return [f"Every entry of the {self.kind} is exactly zero at this input."] if zero else []
 
+    def picture(self, selected: torch.Tensor, sample_shape: Sequence[int]) -> torch.Tensor:
+        """One sample's result (``DerivativeResult.selected`` without its batch axis) as
+        the one 2-D grid the png encoding draws; a Hessian's ``[n, n]`` as it is (the
+        request checks refuse the ``[k, n, n]`` of a list of indices)."""
+        return selected
+
     @abstractmethod
     def compute(self, module: nn.Module, x: torch.Tensor, selection: Selection) -> DerivativeResult:
         """Run this operation's engine function on the batch ``x``."""
@@ -96,6 +103,15 @@ class JacobianOperation(Operation):
 
     def compute(self, module: nn.Module, x: torch.Tensor, selection: Selection) -> DerivativeResult:
         return compute_jacobian(module, x, **selection.options())
+
+    def picture(self, selected: torch.Tensor, sample_shape: Sequence[int]) -> torch.Tensor:
+        """The ``[k, n]`` rows; one row of an image model (input ``[..., H, W]`` with
+        leading dimensions of 1) as its ``H x W`` image, the saliency picture; any other
+        row as a ``1 x n`` strip."""
+        rows = selected.reshape(-1, selected.shape[-1])
+        if rows.shape[0] == 1 and len(sample_shape) >= 2 and math.prod(sample_shape[:-2]) == 1:
+            return rows.reshape(*sample_shape[-2:])
+        return rows
 
 
 class HessianOperation(Operation):

@@ -3,10 +3,11 @@
 ``prepare`` turns a validated body (``wire.schemas.DerivativeRequest``) and the model it
 names into a ``PreparedRequest``, or raises a ``ServiceError`` naming the field at fault:
 the input's shape against the model's (one sample or a batch within the limit), the
-output selection against the model's outputs, the objective's parameters, and the size
-of the result (413 with the estimate, before anything is computed). Decoding a tensor
-object's data is the codec's job (``wire.codec``); judging it against the model is this
-module's, and nothing is checked anywhere else.
+output selection against the model's outputs, the objective's parameters, what the png
+encoding can draw (one sample; one scalar of a Hessian), and the size of the result (413
+with the estimate, before anything is computed). Decoding a tensor object's data is the
+codec's job (``wire.codec``); judging it against the model is this module's, and nothing
+is checked anywhere else.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def prepare(
             field="output_index",
         )
     x, batched = _decode_input(request.inputs[0], manifest.input_shape, limits.max_samples)
+    _check_picture(operation, request, x.shape[0])
     objective = engine_objective(request, outputs, x.shape[0])
     scalars = outputs if unselected and operation.all_outputs_by_default else _count(request)
     _check_result_size(
@@ -147,6 +149,37 @@ def _check_output_index(
                 f"(valid: 0 to {outputs - 1})",
                 field="output_index",
             )
+
+
+def _check_picture(operation: Operation, request: DerivativeRequest, batch: int) -> None:
+    """The png encoding draws one 2-D picture: one sample, and for a Hessian one scalar;
+    its fields mean nothing to the other encodings."""
+    if request.encoding != "png":
+        for name in ("image_size", "image_limit"):
+            if getattr(request, name) is not None:
+                raise InvalidInput(
+                    f'{name}: applies to encoding "png" only; this request\'s encoding '
+                    f"is {request.encoding!r}",
+                    field=name,
+                )
+        return
+    if batch > 1:
+        raise InvalidInput(
+            f'inputs[0].shape: encoding "png" draws one sample; got a batch of {batch} '
+            "(send one sample, or a batch of 1)",
+            field="inputs[0].shape",
+        )
+    if isinstance(request.output_index, list) and operation.axes_per_scalar == 2:
+        raise InvalidInput(
+            f'output_index: encoding "png" draws one [n, n] {operation.kind}; give one int '
+            f"output_index (or an objective), not a list of {len(request.output_index)}",
+            field="output_index",
+        )
+    if request.layout != "matrix":
+        raise InvalidInput(
+            'layout: encoding "png" draws the matrix layout; leave layout out or use "matrix"',
+            field="layout",
+        )
 
 
 def _check_result_size(

@@ -4,17 +4,21 @@ Shapes follow the request's ``layout`` (``matrix``: ``[n, n]`` / ``[k, n]`` rows
 ``n`` flattened inputs; ``tensor``: ``input_shape + input_shape`` as
 ``torch.autograd.functional`` returns it), a single sample loses its batch axis, and the
 notes say why a result a user might take for an error (zeros) is the exact answer. The
-body keeps tensors as tensor objects whose data the codec writes (``wire.codec``).
+body keeps tensors as tensor objects whose data the codec writes (``wire.codec``); the
+``png`` encoding has no body but a picture (``picture``, drawn by ``wire.png``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from hessian_service.engine import DerivativeResult
 from hessian_service.repository.registry import LoadedModel
 from hessian_service.serving.request import PreparedRequest
-from hessian_service.wire import codec
+from hessian_service.wire import codec, png
+from hessian_service.wire.binary import Encoded
 
 
 def describe(
@@ -53,6 +57,17 @@ def describe(
             "notes": notes + random_notes(prepared.model),
         },
     }
+
+
+def picture(prepared: PreparedRequest, result: DerivativeResult) -> Encoded:
+    """The ``png`` encoding of ``prepared``'s result: the one sample's grid
+    (``Operation.picture``) as a heatmap, with the method that computed it."""
+    request = prepared.request
+    grid = prepared.operation.picture(result.selected[0], prepared.model.manifest.input_shape)
+    values = grid.detach().to("cpu", torch.float64).numpy()
+    encoded = png.encode(values, limit=request.image_limit, size=request.image_size)
+    headers = {**encoded.headers, png.METHOD_HEADER: str(result.method)}
+    return Encoded(encoded.body, encoded.media_type, headers)
 
 
 def random_notes(model: LoadedModel) -> list[str]:

@@ -3,11 +3,12 @@
 The model is looked up and everything a request can get wrong is checked before any
 derivative is computed (``serving.request``, including the size of the result: 413 with
 the estimate); the request's ``Operation`` (``serving.operations``) calls the engine, and
-``serving.response`` builds the body. Computation goes through the
-dynamic batcher (``serving.batching``): concurrent requests that can share a computation
-(``serving.merging``) are merged, and everything runs on the batcher's one worker thread so
-that the event loop -- health checks, validation errors -- stays responsive while a
-large Hessian is computed. The batcher also bounds the queue (503) and the wait (504).
+``serving.response`` builds the body (or, with the png encoding, the picture).
+Computation goes through the dynamic batcher (``serving.batching``): concurrent requests
+that can share a computation (``serving.merging``) are merged, and everything runs on the
+batcher's one worker thread so that the event loop -- health checks, validation errors --
+stays responsive while a large Hessian is computed. The batcher also bounds the queue
+(503) and the wait (504).
 """
 
 from __future__ import annotations
@@ -193,6 +194,10 @@ class DerivativeService:
         result, queue_ms, compute_ms = await self._compute_queued(prepared, left, disconnected)
         if timing is not None:
             timing.queue_ms, timing.compute_ms = queue_ms, compute_ms
+        if request.encoding == "png":  # a picture, not a body; drawn off the loop when large
+            if result.matrix.numel() <= INLINE_ELEMENTS:
+                return response.picture(prepared, result)
+            return await anyio.to_thread.run_sync(response.picture, prepared, result)
         if result.matrix.numel() + result.output.numel() <= INLINE_ELEMENTS:
             return codec.encode_body(self.describe(prepared, result, compute_ms), request.encoding)
         body = await anyio.to_thread.run_sync(self.describe, prepared, result, compute_ms)

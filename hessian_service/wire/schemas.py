@@ -22,6 +22,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Bounds of DerivativeRequest.image_size, the longest side of a png picture in pixels.
+MIN_IMAGE_SIZE = 16
+MAX_IMAGE_SIZE = 2048
+
 # Counts and indices are JSON integers: not true/false (pydantic's lax int takes them as
 # 1/0), not "3", not 2.0.
 Count = Annotated[StrictInt, Field(ge=0)]
@@ -100,14 +104,36 @@ class DerivativeRequest(_Strict):
     objective: ObjectiveSpec | None = Field(
         None, description="A scalar built on the output, replacing output_index."
     )
-    encoding: Literal["json", "base64", "binary"] = Field(
+    encoding: Literal["json", "base64", "binary", "png"] = Field(
         "json",
         description="How result tensors' `data` is written: json numbers, base64 of the "
         "little-endian bytes, or binary (the Open Inference Protocol binary tensor "
         "extension: an application/octet-stream body whose first "
         "`Inference-Header-Content-Length` bytes are this JSON response, each output "
         "carrying `parameters.binary_data_size` instead of `data`, followed by the "
-        "outputs' raw little-endian row-major bytes in order).",
+        "outputs' raw little-endian row-major bytes in order); or png: an image/png "
+        "heatmap of the result of one sample (the /hessian [n, n]; the /jacobian [k, n] "
+        "rows, one row of an image model drawn as its H x W image), blue < 0 < red on "
+        "[-X-Value-Limit, X-Value-Limit], white at zero, with headers X-Value-Limit, "
+        "X-Matrix-Shape (rows x cols drawn), X-Derivative-Method and "
+        "X-Non-Finite-Entries. Pixel column p of W shows column "
+        "floor((2p + 1) * cols / (2W)), rows likewise. Without this field, "
+        "`Accept: image/png` (preferred over application/json) selects png.",
+    )
+    image_size: StrictInt | None = Field(
+        None,
+        ge=MIN_IMAGE_SIZE,
+        le=MAX_IMAGE_SIZE,
+        description="png only: the picture's longest side in pixels, nearest-neighbour "
+        "scaled. Default: one pixel per entry (a multiple of that up to 256 px for "
+        "small matrices), at most 1024.",
+    )
+    image_limit: StrictFloat | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="png only: the colour range [-image_limit, image_limit] (larger "
+        "values saturate). Default: the result's largest |value|.",
     )
     layout: Literal["matrix", "tensor"] = Field(
         "matrix",

@@ -213,7 +213,7 @@ def test_hessian_binary_encoding_carries_the_base64_bytes(client: TestClient) ->
 def test_openapi_documents_binary_encoding_and_v2(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     encoding = spec["components"]["schemas"]["DerivativeRequest"]["properties"]["encoding"]
-    assert encoding["enum"] == ["json", "base64", "binary"]
+    assert encoding["enum"] == ["json", "base64", "binary", "png"]
     assert (
         "application/octet-stream"
         in spec["paths"]["/hessian"]["post"]["responses"]["200"]["content"]

@@ -2,6 +2,12 @@
 
 The body is read by ``hessian_service.api.body``: its JSON numbers counted against their own limit
 as it arrives, then parsed and validated in a worker thread, not on the event loop.
+
+A body without ``encoding`` gets the png encoding when its ``Accept`` header prefers
+``image/png`` to ``application/json``. A body that sets ``encoding`` is answered in it
+whatever ``Accept`` says: it is the explicit choice, and Swagger UI sends the ``Accept``
+of its response media-type menu (``application/json`` unless changed), which would
+otherwise turn its png examples back into JSON.
 """
 
 from __future__ import annotations
@@ -16,7 +22,13 @@ from hessian_service.api.examples import hessian_examples, jacobian_examples
 from hessian_service.api.responses import problems
 from hessian_service.config import Settings
 from hessian_service.engine import DerivativeKind
-from hessian_service.wire.binary import BINARY_CONTENT_TYPE, HEADER_LENGTH, Encoded
+from hessian_service.wire import png
+from hessian_service.wire.binary import (
+    BINARY_CONTENT_TYPE,
+    HEADER_LENGTH,
+    JSON_CONTENT_TYPE,
+    Encoded,
+)
 from hessian_service.wire.schemas import DerivativeRequest, DerivativeResponse
 
 
@@ -32,20 +44,46 @@ router = APIRouter(
     tags=["derivatives"], route_class=counted_json_route(DerivativeRequest, _binary_alternative)
 )
 
+_PNG_HEADERS: dict[str, dict[str, Any]] = {
+    png.VALUE_LIMIT_HEADER: {
+        "description": 'encoding "png": the colour range is [-limit, limit] (the '
+        "result's largest |value| unless `image_limit` is given); white is 0.",
+        "schema": {"type": "number"},
+    },
+    png.MATRIX_SHAPE_HEADER: {
+        "description": 'encoding "png": the grid drawn, `rows`x`cols` (e.g. 784x784; '
+        "28x28 for one Jacobian row of a 28x28 image model).",
+        "schema": {"type": "string", "pattern": "^[0-9]+x[0-9]+$"},
+    },
+    png.METHOD_HEADER: {
+        "description": 'encoding "png": the algorithm that computed it (metadata.method).',
+        "schema": {"type": "string"},
+    },
+    png.NON_FINITE_HEADER: {
+        "description": 'encoding "png": entries that were NaN or Inf, drawn white.',
+        "schema": {"type": "integer"},
+    },
+}
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
     200: {
         "description": 'The result. With `encoding: "binary"` the body is '
         "application/octet-stream: the JSON response (`Inference-Header-Content-Length` "
         "bytes, outputs carrying `parameters.binary_data_size`), then each output's raw "
-        "little-endian bytes.",
+        'little-endian bytes. With `encoding: "png"` (or no encoding and `Accept: '
+        "image/png`) it is an image/png heatmap of the one sample's result (blue < 0 < "
+        "red, white at 0; pixel column p of W shows column floor((2p + 1) * cols / (2W))), "
+        "the numbers it cannot show in the headers below.",
         "content": {
             BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}},
+            png.MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
         },
         "headers": {
             HEADER_LENGTH: {
                 "description": 'Length of the JSON header (encoding "binary" only).',
                 "schema": {"type": "integer"},
-            }
+            },
+            **_PNG_HEADERS,
         },
     },
     **problems(
@@ -64,7 +102,40 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _response(encoded: Encoded) -> Response:
-    return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
+    headers = {**encoded.headers, "Vary": "Accept"}  # Accept may choose the encoding
+    return Response(encoded.body, media_type=encoded.media_type, headers=headers)
+
+
+def _quality(accept: str, media_type: str) -> float:
+    """The q value ``accept`` gives ``media_type``: that of its most specific matching
+    range (``type/subtype`` over ``type/*`` over ``*/*``), 0 when none matches."""
+    kind = media_type.split("/")[0]
+    best: tuple[int, float] = (-1, 0.0)
+    for item in accept.split(","):
+        name, *parameters = (part.strip() for part in item.split(";"))
+        specificity = {media_type: 2, f"{kind}/*": 1, "*/*": 0}.get(name.lower(), -1)
+        if specificity <= best[0]:
+            continue
+        q = 1.0
+        for parameter in parameters:
+            key, _, value = parameter.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    q = 0.0
+        best = (specificity, q)
+    return best[1]
+
+
+def negotiated(request: DerivativeRequest, accept: str | None) -> DerivativeRequest:
+    """``request`` with the png encoding when it sets no ``encoding`` and ``accept``
+    ranks image/png above application/json; otherwise ``request`` as it is."""
+    if "encoding" in request.model_fields_set or not accept:
+        return request
+    if _quality(accept, png.MEDIA_TYPE) > _quality(accept, JSON_CONTENT_TYPE):
+        return request.model_copy(update={"encoding": "png"})
+    return request
 
 
 @router.post(
@@ -86,7 +157,7 @@ async def post_hessian(
     """
     encoded = await service.run(
         DerivativeKind.HESSIAN,
-        request,
+        negotiated(request, http.headers.get("accept")),
         disconnected=http.is_disconnected,
         body_bytes=len(await http.body()),
     )
@@ -112,7 +183,7 @@ async def post_jacobian(
     """
     encoded = await service.run(
         DerivativeKind.JACOBIAN,
-        request,
+        negotiated(request, http.headers.get("accept")),
         disconnected=http.is_disconnected,
         body_bytes=len(await http.body()),
     )
