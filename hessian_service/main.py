@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hessian_service.api.middleware import BodySizeLimit
 from hessian_service.api.observability import ObservabilityMiddleware, configure_access_log
 from hessian_service.api.responses import install_problem_schemas
-from hessian_service.api.routes import admin, derivatives, health, metrics, models, v2
+from hessian_service.api.routes import admin, derivatives, health, metrics, models, playground, v2
 from hessian_service.config import Settings
 from hessian_service.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -211,6 +211,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(v2.router)
     app.include_router(metrics.router)
+    app.include_router(playground.router)
     install_error_handlers(app)
     install_problem_schemas(app)
     app.add_middleware(
