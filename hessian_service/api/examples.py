@@ -1,4 +1,12 @@
-"""Example request bodies shown in the Swagger UI; each one succeeds on the bundled models."""
+"""Example request bodies shown in the Swagger UI; each one succeeds on the bundled models.
+
+The first example of an operation is the one Swagger UI fills in, so on /hessian and
+/jacobian it is one whose answer a browser shows at once: the digit's result as a PNG
+heatmap (Swagger UI draws an image/png response as an image). The answer as numbers is
+another matter: 614,656 JSON numbers (2.8 MB) froze Chromium's page for over 7 minutes,
+and the base64 string (3.3 MB) is one unreadable line, so those examples come later and
+say what they cost.
+"""
 
 from __future__ import annotations
 
@@ -32,13 +40,17 @@ def _tensor(shape: list[int], data: list[float]) -> dict[str, Any]:
 
 def hessian_examples() -> dict[str, dict[str, Any]]:
     return {
-        "digits_cnn": {
-            "summary": "784x784 Hessian of class 2's logit for a 1x1x28x28 digit",
+        "digits_cnn_png": {
+            "summary": "784x784 Hessian of class 2's logit for a digit, as a PNG heatmap "
+            "(about 80 kB; shown at once)",
+            "description": "One pixel per entry, blue < 0 < red, white at zero; the colour "
+            "range is in the X-Value-Limit header. Without `encoding` the answer is "
+            "614,656 JSON numbers (2.8 MB), which Swagger UI takes minutes to render.",
             "value": {
                 "model": "digits_cnn",
                 "inputs": [_tensor([1, 1, 28, 28], digit_image())],
                 "output_index": 2,
-                "encoding": "base64",
+                "encoding": "png",
             },
         },
         "quadratic4": {
@@ -61,17 +73,33 @@ def hessian_examples() -> dict[str, dict[str, Any]]:
             "summary": "Linear model's raw output: exact zeros with a note, not an error",
             "value": {"model": "linear4", "inputs": [_tensor([4], [1.0, 1.0, 1.0, 1.0])]},
         },
+        "digits_cnn_base64": {
+            "summary": "784x784 as base64: 2,458,624 bytes in a 3.3 MB string that Swagger "
+            "UI shows as one unreadable line (seconds to render); for programs",
+            "value": {
+                "model": "digits_cnn",
+                "inputs": [_tensor([1, 1, 28, 28], digit_image())],
+                "output_index": 2,
+                "encoding": "base64",
+            },
+        },
     }
 
 
 def jacobian_examples() -> dict[str, dict[str, Any]]:
     return {
-        "digits_cnn": {
-            "summary": "10x784 Jacobian of the logits for a 1x1x28x28 digit",
+        "digits_cnn_png": {
+            "summary": "Gradient of class 2's logit for a digit, as a 28x28 saliency PNG "
+            "(280 px; shown at once)",
+            "description": "One gradient row of an image model is drawn as the image: "
+            "each 10x10 block is one input pixel, blue < 0 < red, white at zero; the "
+            "colour range is in the X-Value-Limit header.",
             "value": {
                 "model": "digits_cnn",
                 "inputs": [_tensor([1, 1, 28, 28], digit_image())],
-                "encoding": "base64",
+                "output_index": 2,
+                "encoding": "png",
+                "image_size": 280,
             },
         },
         "quadratic4": {
@@ -80,6 +108,15 @@ def jacobian_examples() -> dict[str, dict[str, Any]]:
                 "model": "quadratic4",
                 "inputs": [_tensor([4], [2.0, 2.0, 2.0, 2.0])],
                 "output_index": 2,
+            },
+        },
+        "digits_cnn_base64": {
+            "summary": "10x784 Jacobian of the logits as base64: 31,360 bytes in a 42 kB "
+            "string; as JSON it would be 7,840 numbers (92 kB)",
+            "value": {
+                "model": "digits_cnn",
+                "inputs": [_tensor([1, 1, 28, 28], digit_image())],
+                "encoding": "base64",
             },
         },
     }

@@ -244,6 +244,10 @@ def test_openapi_documents_the_png_response(client: TestClient) -> None:
         assert ok["content"]["image/png"] == {"schema": {"type": "string", "format": "binary"}}
         for header in ("X-Value-Limit", "X-Matrix-Shape", "X-Derivative-Method"):
             assert header in ok["headers"], header
+        examples = operation["requestBody"]["content"]["application/json"]["examples"]
+        default = next(iter(examples.values()))
+        assert default["value"]["encoding"] == "png"
+        assert default["value"]["model"] == "digits_cnn"
     request = spec["components"]["schemas"]["DerivativeRequest"]["properties"]
     assert "png" in request["encoding"]["enum"]
     assert "X-Value-Limit" in request["encoding"]["description"]
