@@ -103,3 +103,25 @@ def test_model_management_curl_example(admin_url: str, tmp_path: Path) -> None:
     assert (info["name"], info["version"], info["format"]) == ("my_net", "2", "torchscript")
     assert info["capabilities"]["engine_path"] == "generic"
     assert info["capabilities"]["parameters"] == 3 * 4 + 4 + 4 * 2 + 2
+
+
+def test_png_example_writes_the_heatmap(server_url: str, tmp_path: Path) -> None:
+    """The README's PNG block (run from a checkout's root) writes a 512 px heatmap."""
+    from PIL import Image
+
+    (block,) = [b for b in blocks("bash") if "'encoding': 'png'" in b]
+    sample = Path("hessian_service/repository/models/digits_sample.json")
+    (tmp_path / sample.parent).mkdir(parents=True)
+    (tmp_path / sample).symlink_to(README.parent / sample)
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block.replace(QUICK_START_URL, server_url)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    headers = result.stdout.lower()
+    assert "content-type: image/png" in headers and "x-matrix-shape: 784x784" in headers
+    with Image.open(tmp_path / "h.png") as image:
+        assert (image.format, image.size) == ("PNG", (512, 512))
