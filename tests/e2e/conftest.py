@@ -8,6 +8,7 @@ environment is ever used.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from hessian_service.local_server import ServerDidNotStart, local_server
 from tests.device import TEST_DEVICE
+from tests.e2e.browser import missing
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,3 +64,12 @@ def limited_server_url() -> Iterator[str]:
         HESSIAN_MAX_RESULT_BYTES=str(LIMITED_MAX_RESULT_BYTES),
     ) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """The path of Debian's chromium (``make browser`` installs it)."""
+    path = shutil.which("chromium")
+    if path is None:
+        missing("chromium is not on PATH")
+    return path

@@ -12,39 +12,26 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 import pytest
+
+from tests.e2e.browser import CHROMIUM_FLAGS, OFFLINE_RULES, missing
 
 if TYPE_CHECKING:
     from playwright.sync_api import Locator, Page
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-proxy-server",
-]
-# Nothing resolves except 127.0.0.1 itself: an external asset can only fail to load.
-OFFLINE_RULES = "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
 HESSIAN_OP = "operations-derivatives-hessian"  # tag, then the operation id
 JACOBIAN_OP = "operations-derivatives-jacobian"
 MODELS_OP = "operations-models-list_models"
@@ -56,21 +43,6 @@ ANSWER_LIMIT_S = 1.0
 # How long a test waits for a response to be rendered before it fails (well above the
 # limit, so that a slow render fails with its time, not a timeout).
 RENDER_WAIT_MS = 60_000
-
-
-def _missing(what: str) -> NoReturn:
-    message = f"{what}; `make browser` installs Debian's chromium (needs root)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message} -- CI must run the browser tests")
-    pytest.skip(message)
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        _missing("chromium is not on PATH")
-    return path
 
 
 def run_chromium(chromium: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -153,7 +125,7 @@ def docs_page(chromium: str, server_url: str) -> Iterator[DocsPage]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _missing("the playwright package is not installed (pip install -e '.[dev]')")
+        missing("the playwright package is not installed (pip install -e '.[dev]')")
     port = urlsplit(server_url).port
     origin = f"http://hessian.test:{port}"
     rules = "--host-resolver-rules=MAP hessian.test 127.0.0.1, MAP * ~NOTFOUND"

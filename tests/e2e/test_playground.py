@@ -19,7 +19,6 @@ import base64
 import io
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,8 @@ from hessian_client._wire import decode_response
 from PIL import Image
 
 from hessian_service.wire import colormap
+from tests.e2e.browser import CHROMIUM_FLAGS, OFFLINE_RULES, missing
 from tests.e2e.conftest import ROOT
-from tests.e2e.test_docs_page import CHROMIUM_FLAGS, OFFLINE_RULES, _missing
 
 pytestmark = pytest.mark.e2e
 
@@ -63,19 +62,11 @@ LARGEST_JS = """() => {
 
 
 @pytest.fixture(scope="module")
-def chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        _missing("chromium is not on PATH")
-    return path
-
-
-@pytest.fixture(scope="module")
 def browser(chromium: str) -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _missing("the playwright package is not installed (pip install -e '.[dev]')")
+        missing("the playwright package is not installed (pip install -e '.[dev]')")
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(
             executable_path=chromium, headless=True, args=[*CHROMIUM_FLAGS[1:], OFFLINE_RULES]
