@@ -20,18 +20,26 @@ from hessian_service.config import Settings
 DIGIT_SAMPLE_FILE = "digits_sample.json"
 
 
+def digit_sample(models_dir: Path) -> dict[str, Any] | None:
+    """The held-out digit shipped beside the models (``shape``, ``label``, 784 ``data``
+    numbers), or None when the models folder has no readable sample file."""
+    try:
+        sample: dict[str, Any] = json.loads((models_dir / DIGIT_SAMPLE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return sample if isinstance(sample.get("data"), list) else None
+
+
 @lru_cache(maxsize=1)
 def digit_image(path: Path | None = None) -> list[float]:
     """A held-out handwritten 2 from the digits data set, 784 numbers (zeros if missing).
 
     It lives beside the bundled models, in the configured models folder.
     """
-    path = path or Settings().models_dir / DIGIT_SAMPLE_FILE
-    try:
-        data = json.loads(path.read_text())["data"]
-    except (OSError, KeyError, ValueError):
+    sample = digit_sample(path.parent if path else Settings().models_dir)
+    if sample is None:
         return [0.0] * 784
-    return [float(v) for v in data]
+    return [float(v) for v in sample["data"]]
 
 
 def _tensor(shape: list[int], data: list[float]) -> dict[str, Any]:

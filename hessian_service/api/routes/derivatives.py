@@ -22,6 +22,7 @@ from hessian_service.api.examples import hessian_examples, jacobian_examples
 from hessian_service.api.responses import problems
 from hessian_service.config import Settings
 from hessian_service.engine import DerivativeKind
+from hessian_service.serving.service import DerivativeService
 from hessian_service.wire import png
 from hessian_service.wire.binary import (
     BINARY_CONTENT_TYPE,
@@ -138,6 +139,20 @@ def negotiated(request: DerivativeRequest, accept: str | None) -> DerivativeRequ
     return request
 
 
+async def _run(
+    service: DerivativeService, kind: DerivativeKind, request: DerivativeRequest, http: Request
+) -> Response:
+    """Both routes: the encoding negotiated, the body's size passed on (it bounds the
+    decoding done on the event loop), a client that went away dropped from the queue."""
+    encoded = await service.run(
+        kind,
+        negotiated(request, http.headers.get("accept")),
+        disconnected=http.is_disconnected,
+        body_bytes=len(await http.body()),
+    )
+    return _response(encoded)
+
+
 @router.post(
     "/hessian",
     response_model=DerivativeResponse,
@@ -155,13 +170,7 @@ async def post_hessian(
     An int `output_index` gives `[n, n]` per sample, a list of k gives `[k, n, n]`, an
     objective gives `[n, n]`. A batch input `[B, *input_shape]` adds a leading `B`.
     """
-    encoded = await service.run(
-        DerivativeKind.HESSIAN,
-        negotiated(request, http.headers.get("accept")),
-        disconnected=http.is_disconnected,
-        body_bytes=len(await http.body()),
-    )
-    return _response(encoded)
+    return await _run(service, DerivativeKind.HESSIAN, request, http)
 
 
 @router.post(
@@ -181,10 +190,4 @@ async def post_jacobian(
     No `output_index` gives all outputs, `[m, n]` per sample; an int gives the gradient
     `[n]`, a list of k gives `[k, n]`, an objective gives its gradient `[n]`.
     """
-    encoded = await service.run(
-        DerivativeKind.JACOBIAN,
-        negotiated(request, http.headers.get("accept")),
-        disconnected=http.is_disconnected,
-        body_bytes=len(await http.body()),
-    )
-    return _response(encoded)
+    return await _run(service, DerivativeKind.JACOBIAN, request, http)

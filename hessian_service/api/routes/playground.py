@@ -15,13 +15,13 @@ None of these routes is in the OpenAPI document: they serve a page, not the API.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from hessian_service.api.examples import DIGIT_SAMPLE_FILE, digit_sample
 from hessian_service.errors import NotFound
 from hessian_service.wire import colormap
 
@@ -37,7 +37,6 @@ ASSETS = {
 }
 # The page and its modules change with the package; browsers revalidate (ETag) each load.
 NO_CACHE = {"Cache-Control": "no-cache"}
-SAMPLES_FILE = "digits_sample.json"
 
 router = APIRouter(include_in_schema=False)
 
@@ -68,18 +67,12 @@ async def colormap_table() -> JSONResponse:
 def bundled_samples(models_dir: Path) -> list[dict[str, Any]]:
     """The held-out digits shipped beside the models, one sample each ``[1, 28, 28]``
     (none when the models folder has no sample file)."""
-    path = models_dir / SAMPLES_FILE
-    if not path.is_file():
+    sample = digit_sample(models_dir)
+    if sample is None:
         return []
-    sample = json.loads(path.read_text())
-    return [
-        {
-            "name": path.stem,
-            "label": sample["label"],
-            "shape": sample["shape"][-3:],
-            "data": sample["data"],
-        }
-    ]
+    name = Path(DIGIT_SAMPLE_FILE).stem
+    shape = sample["shape"][-3:]
+    return [{"name": name, "label": sample["label"], "shape": shape, "data": sample["data"]}]
 
 
 @router.get("/playground/samples.json")
