@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -94,16 +95,19 @@ def test_hessian_png_pixels_are_the_colour_map_of_the_matrix(
 
 def test_readme_heatmap_is_written_and_is_the_service_s_picture(client: TestClient) -> None:
     """docs/images/hessian_png.png, shown in the README: the digits_cnn class-2 Hessian
-    at the bundled digit, one pixel per entry; rewritten by every run of this test."""
+    at the bundled digit, one pixel per entry; written when missing (or asked for)."""
     hessian = binary_matrix(client, "/hessian", CLASS_2)
     response = client.post("/hessian", json={**CLASS_2, "encoding": "png"})
     got = picture(response, (784, 784))
     assert mismatches(got, expected_pixels(hessian, 784, 784)) == 0
     assert len(response.content) < README_IMAGE_LIMIT_BYTES
-    README_IMAGE.parent.mkdir(parents=True, exist_ok=True)
-    if not README_IMAGE.is_file() or README_IMAGE.read_bytes() != response.content:
+    if not README_IMAGE.is_file() or os.environ.get("HESSIAN_UPDATE_SCREENSHOTS") == "1":
+        README_IMAGE.parent.mkdir(parents=True, exist_ok=True)
         README_IMAGE.write_bytes(response.content)
-    assert np.array_equal(np.asarray(Image.open(README_IMAGE).convert("RGB")), got)
+    # The committed picture is the service's: a change to the colours or the scaling that
+    # leaves it stale fails here (HESSIAN_UPDATE_SCREENSHOTS=1 rewrites it).
+    with Image.open(README_IMAGE) as committed:
+        assert np.array_equal(np.asarray(committed.convert("RGB")), got)
 
 
 def test_image_limit_sets_the_colour_range(client: TestClient) -> None:
