@@ -19,14 +19,10 @@ import copy
 import functools
 import gc
 import json
-import math
 import os
 import platform
 import statistics
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,7 +31,9 @@ from torch.func import hessian as func_hessian
 from torch.func import jacrev, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench import timing
 from bench.models import bundled
+from bench.timing import Measured, measure_all, median_ms
 from hessian_service import engine
 
 OUTPUT_INDEX = 2
@@ -46,12 +44,6 @@ def device_name() -> str:
     if DEVICE.type == "cuda":
         return torch.cuda.get_device_name(DEVICE)
     return f"CPU {platform.machine()} ({os.cpu_count()} cores)"
-
-
-def sync() -> None:
-    """Wait for queued GPU work, so that wall times mean something on CUDA."""
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
 
 
 # Errors are checked on this many leading samples of a batch (a float64 reference for
@@ -78,61 +70,6 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "digits_cnn": (lambda: bundled("digits_cnn"), (1, 28, 28)),
     "wide_cnn": (wide_cnn, (3, 32, 32)),
 }
-
-
-class PeakMemory:
-    """Peak resident memory added while the block runs, sampled every millisecond."""
-
-    def __init__(self) -> None:
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-        self._thread: threading.Thread | None = None
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * self._page
-
-    def _sample(self, base: int) -> None:
-        while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, self._rss() - base)
-            time.sleep(0.001)
-
-    def __enter__(self) -> PeakMemory:
-        if DEVICE.type == "cuda":  # device memory: the allocator's own peak counter
-            torch.cuda.reset_peak_memory_stats(DEVICE)
-            self._cuda_base = torch.cuda.memory_allocated(DEVICE)
-            self._thread = None
-            return self
-        base = self._rss()
-        self._thread = threading.Thread(target=self._sample, args=(base,), daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._thread is None:
-            sync()
-            self.peak_bytes = torch.cuda.max_memory_allocated(DEVICE) - self._cuda_base
-            return
-        self._stop.set()
-        self._thread.join()
-
-
-def median_ms(
-    fn: Callable[[], object], *, repeats: int, budget_s: float, warm_up: bool = True
-) -> float:
-    """Median wall time of ``fn`` (after one warm-up call), bounded by a time budget."""
-    if warm_up:
-        fn()
-        sync()
-    times: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    while len(times) < repeats and (not times or time.perf_counter() < deadline):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 PEAK_SIZE_CPU, PEAK_SIZE_CUDA = 1024, 4096
@@ -192,78 +129,6 @@ def row_loop_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
                 )
             )
     return torch.stack(result)
-
-
-@dataclass
-class Measured:
-    ms: float
-    error: float
-    peak_mb: float
-
-
-# A timed sample is a run of back-to-back calls lasting at least SAMPLE_MS (as timeit's
-# autorange does), so that a short hiccup of the shared machine weighs on a 2 ms method
-# as little as on a 200 ms one; the sample's time per call is what the median is over.
-# Methods faster than WARM_MS get an untimed call before each sample, so that no method
-# is timed cold right after another one left caches and worker threads behind.
-SAMPLE_MS = 25.0
-WARM_MS = 100.0
-
-
-def measure_all(
-    methods: dict[str, Callable[[], torch.Tensor]],
-    reference: torch.Tensor,
-    *,
-    repeats: int,
-    budget_s: float,
-) -> dict[str, Measured]:
-    """Each method's error (against the reference's leading samples) and peak memory
-    from its first call, which is also its warm-up; then the median time per call over
-    its timed samples.
-
-    Timing is interleaved in rounds, one sample of each method per round, so that a
-    change in the machine's speed during the run (other tenants, clocks) reaches every
-    method alike and the ratios stay fair. A method stops being timed after ``repeats``
-    samples or once its samples have taken ``budget_s`` (at least one sample each).
-    """
-    errors, peaks, fastest_ms = {}, {}, {}
-    for label, fn in methods.items():
-        with PeakMemory() as memory:
-            start = time.perf_counter()
-            result = fn()
-            sync()
-            fastest_ms[label] = (time.perf_counter() - start) * 1000
-        checked = result.reshape(-1, *reference.shape[1:])[: reference.shape[0]]
-        errors[label] = float((checked.double().cpu() - reference).abs().max())
-        peaks[label] = memory.peak_bytes / 2**20
-        del result, checked
-    per_call: dict[str, list[float]] = {label: [] for label in methods}
-    spent = dict.fromkeys(methods, 0.0)
-
-    def due(label: str) -> bool:
-        done = per_call[label]
-        return len(done) < repeats and (not done or spent[label] < budget_s)
-
-    while any(due(label) for label in methods):
-        for label, fn in methods.items():
-            if not due(label):
-                continue
-            if fastest_ms[label] < WARM_MS:
-                fn()
-                sync()
-            calls = max(1, math.ceil(SAMPLE_MS / max(fastest_ms[label], 1e-3)))
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            sync()
-            elapsed = time.perf_counter() - start
-            per_call[label].append(elapsed * 1000 / calls)
-            fastest_ms[label] = min(fastest_ms[label], per_call[label][-1])
-            spent[label] += elapsed
-    return {
-        label: Measured(statistics.median(per_call[label]), errors[label], peaks[label])
-        for label in methods
-    }
 
 
 def best_jacrev_chunk(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> int | None:
@@ -490,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     global DEVICE
     DEVICE = torch.device(args.device)
+    timing.set_device(DEVICE)
     print(
         f"# {device_name()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, MALLOC_MMAP_THRESHOLD_="
