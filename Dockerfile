@@ -77,6 +77,9 @@ COPY --from=builder /opt/venv /opt/venv
 
 WORKDIR /app
 COPY hessian_service/repository/models/ /app/models/
+# The uploads folder (HESSIAN_UPLOAD_DIR in docker-compose.yml), owned by the service's user:
+# Docker gives an empty named volume mounted here this folder's owner, so uploads can be written.
+RUN install -d -o 10001 -g 10001 /app/uploads
 
 # Numeric, so that runtimes enforcing runAsNonRoot can check it.
 USER 10001:10001

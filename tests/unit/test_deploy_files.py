@@ -62,29 +62,37 @@ def _run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _compose_env() -> dict[str, str]:
-    """The environment without variables that would change what compose renders."""
-    return {
+def _compose_env(**overrides: str) -> dict[str, str]:
+    """The environment without variables that would change what compose renders, plus
+    ``overrides`` (e.g. ``HESSIAN_BIND``)."""
+    kept = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("COMPOSE_", "TORCH_CUDA_VARIANT"))
+        if not key.startswith(("COMPOSE_", "TORCH_CUDA_VARIANT", "HESSIAN_"))
     }
+    return {**kept, **overrides}
 
 
-def _compose(*args: str) -> subprocess.CompletedProcess[str]:
+def _compose(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return _run(
         [_tool("docker-compose"), "--project-directory", str(REPO), "-f", str(COMPOSE_FILE), *args],
-        env=_compose_env(),
+        env=_compose_env(**env),
     )
+
+
+def _rendered(*profiles: str, **env: str) -> dict[str, Any]:
+    """The compose file as Compose resolves it with ``profiles`` and ``env``."""
+    flags = [arg for profile in profiles for arg in ("--profile", profile)]
+    proc = _compose(*flags, "config", "--format", "json", **env)
+    assert proc.returncode == 0, f"docker-compose config failed:\n{proc.stdout}\n{proc.stderr}"
+    config: dict[str, Any] = json.loads(proc.stdout)
+    return config
 
 
 @pytest.fixture(scope="module")
 def compose_config() -> dict[str, Any]:
-    """The compose file as Compose resolves it, with the ``gpu`` profile enabled."""
-    proc = _compose("--profile", "gpu", "config", "--format", "json")
-    assert proc.returncode == 0, f"docker-compose config failed:\n{proc.stdout}\n{proc.stderr}"
-    config: dict[str, Any] = json.loads(proc.stdout)
-    return config
+    """The compose file as Compose resolves it, with the ``gpu`` and ``scale`` profiles."""
+    return _rendered("gpu", "scale")
 
 
 def _instructions(text: str) -> list[tuple[str, str]]:
@@ -259,11 +267,101 @@ def test_compose_gpu_service(compose_config: dict[str, Any]) -> None:
     devices = service["deploy"]["resources"]["reservations"]["devices"]
     nvidia = [device for device in devices if device.get("driver") == "nvidia"]
     assert nvidia, f"no nvidia device reserved: {devices}"
-    assert nvidia[0].get("count") == 1
+    # One pinned card by default (device_ids and count exclude each other in Compose).
+    assert nvidia[0].get("device_ids") == ["0"]
+    assert "count" not in nvidia[0]
     assert "gpu" in nvidia[0].get("capabilities", [])
+
+
+def test_compose_gpu_device_ids_can_be_pinned() -> None:
+    service = _rendered("gpu", HESSIAN_GPU_DEVICE_IDS="2,3")["services"]["hessian-gpu"]
+    devices = service["deploy"]["resources"]["reservations"]["devices"]
+    # One comma-separated entry: Docker's NVIDIA driver joins the list with commas anyway.
+    assert devices[0]["device_ids"] == ["2,3"]
 
 
 def test_compose_gpu_service_is_behind_its_profile() -> None:
     proc = _compose("config", "--services")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["hessian"]
+
+
+# --------------------------------------------------------------------------- compose: binds
+
+
+def _host_ips(service: dict[str, Any]) -> set[str]:
+    return {str(port.get("host_ip", "")) for port in service.get("ports", [])}
+
+
+def test_compose_publishes_on_loopback_unless_told(compose_config: dict[str, Any]) -> None:
+    published = [name for name, svc in compose_config["services"].items() if svc.get("ports")]
+    assert sorted(published) == ["hessian", "hessian-gpu", "nginx"], published
+    for name in published:
+        assert _host_ips(compose_config["services"][name]) == {"127.0.0.1"}, name
+    everywhere = _rendered("gpu", "scale", HESSIAN_BIND="0.0.0.0")["services"]
+    for name in published:
+        assert _host_ips(everywhere[name]) == {"0.0.0.0"}, name
+
+
+def test_compose_uploads_live_on_named_volumes(compose_config: dict[str, Any]) -> None:
+    volumes = {}
+    for name in ("hessian", "hessian-gpu"):
+        service = compose_config["services"][name]
+        upload_dir = service["environment"]["HESSIAN_UPLOAD_DIR"]
+        mounts = [v for v in service["volumes"] if v["target"] == upload_dir]
+        assert len(mounts) == 1 and mounts[0]["type"] == "volume", (name, service["volumes"])
+        volumes[name] = mounts[0]["source"]
+    assert volumes["hessian"] != volumes["hessian-gpu"], "two servers writing one folder"
+    assert set(volumes.values()) <= set(compose_config["volumes"])
+    # The image creates the folder for the service's user: an empty volume takes its owner.
+    final = _stages(DOCKERFILE.read_text())[-1]
+    runs = " ".join(rest for keyword, rest in final if keyword == "RUN")
+    assert "install -d -o 10001 -g 10001 /app/uploads" in runs
+
+
+# --------------------------------------------------------------------------- compose: scale
+
+
+NGINX_CONF = REPO / "deploy" / "nginx.conf"
+NGINX_SERVERS = REPO / "deploy" / "nginx-servers.conf"
+
+
+def test_compose_scale_profile_is_nginx_before_the_replicas(
+    compose_config: dict[str, Any],
+) -> None:
+    services = compose_config["services"]
+    replicas = sorted(name for name in services if name.startswith("replica-"))
+    assert len(replicas) >= 2, replicas
+    nginx = services["nginx"]
+    assert nginx["profiles"] == ["scale"]
+    mounts = {Path(v["source"]): v for v in nginx["volumes"] if v["type"] == "bind"}
+    assert NGINX_CONF in mounts and NGINX_SERVERS in mounts, "not the project's own files"
+    assert all(v.get("read_only") for v in mounts.values())
+    conf_target = mounts[NGINX_CONF]["target"]
+    assert mounts[NGINX_SERVERS]["target"] == str(Path(conf_target).parent / NGINX_SERVERS.name)
+    assert nginx["command"][:3] == ["nginx", "-c", conf_target]
+    assert {port["target"] for port in nginx["ports"]} == {8080}
+    assert "listen 8080;" in NGINX_CONF.read_text()
+
+    upstream = re.findall(r"^server\s+(\S+?):8000\b", NGINX_SERVERS.read_text(), re.MULTILINE)
+    assert sorted(upstream) == replicas, "nginx-servers.conf must list exactly the replicas"
+    for name in replicas:
+        replica = services[name]
+        assert replica["profiles"] == ["scale"]
+        assert "ports" not in replica, f"{name} is reached through nginx only"
+        assert replica["image"] == services["hessian"]["image"]
+        _assert_ready_healthcheck(replica)
+        _assert_models_mounted(replica)
+        assert nginx["depends_on"][name]["condition"] == "service_healthy"
+
+
+def test_compose_scale_profile_adds_nginx_and_three_replicas() -> None:
+    proc = _compose("--profile", "scale", "config", "--services")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.split()) == [
+        "hessian",
+        "nginx",
+        "replica-1",
+        "replica-2",
+        "replica-3",
+    ]
