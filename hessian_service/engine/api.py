@@ -21,6 +21,9 @@ import torch
 from torch import nn
 
 from hessian_service.engine import generic, rowloop, structured
+from hessian_service.engine.graph import cache as graph_cache
+from hessian_service.engine.graph import hessian as graph_hessian
+from hessian_service.engine.graph.plan import GraphPlan
 from hessian_service.engine.methods import Algorithm, EnginePath
 from hessian_service.engine.objectives import Objective
 from hessian_service.engine.planner import (
@@ -214,6 +217,89 @@ def _scalars_with_output_fn(model: nn.Module, selection: _Selection) -> generic.
     return scalars
 
 
+def _selection_key(selection: _Selection) -> tuple[object, ...]:
+    if selection.objective is not None:
+        return ("objective", str(selection.objective.kind), selection.objective.index)
+    assert selection.indices is not None
+    return ("indices", tuple(int(i) for i in selection.indices))
+
+
+def _sample_fn(model: nn.Module, selection: _Selection) -> graph_cache.SampleFn:
+    """One sample ``[1, *shape]`` and its target -> (selected scalars, flat output)."""
+
+    def sample_outputs(x1: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out: torch.Tensor = model(x1).reshape(-1)
+        return _selected(out, target, selection), out
+
+    return sample_outputs
+
+
+def graph_plan_for(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    output_index: OutputIndex = None,
+    objective: Objective | None = None,
+) -> GraphPlan | graph_cache.Unsupported:
+    """The graph engine's plan for Hessians of ``model`` at inputs shaped like ``x``
+    (cached), or why it has none: what the capability report shows."""
+    _check_input("hessian", model, x)
+    m = _output_count(model, x)
+    selection = _select("hessian", output_index, objective, m, default_all=False)
+    targets = _targets(selection, x.shape[0], m, x)
+    return graph_cache.graph_plan(
+        model, x[:1], targets[0], _selection_key(selection), _sample_fn(model, selection)
+    )
+
+
+def _graph_hessian(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    selection: _Selection,
+    path: EnginePath,
+    memory_budget_bytes: int,
+) -> tuple[torch.Tensor, Plan] | None:
+    """The graph path's Hessians and plan, or None to fall back (``auto`` only)."""
+    found = graph_cache.graph_plan(
+        model, x[:1], targets[0], _selection_key(selection), _sample_fn(model, selection)
+    )
+    if isinstance(found, graph_cache.Unsupported):
+        if path is EnginePath.GRAPH:
+            raise ValueError(f"hessian: method='graph' cannot run this model: {found.reason}")
+        return None
+    n, k = int(x[0].numel()), selection.count
+    per_sample = graph_hessian.bytes_per_sample(found, n, k, x.element_size())
+    batch_chunk = max(1, min(x.shape[0], memory_budget_bytes // max(per_sample, 1)))
+    method = (
+        Algorithm.GRAPH_ZERO
+        if found.is_zero
+        else Algorithm.GRAPH_INPUT
+        if found.cut_is_input
+        else Algorithm.GRAPH_CUT
+    )
+    plan = Plan(
+        method=method,
+        basis_chunk=found.cut_size,
+        batch_chunk=batch_chunk,
+        estimated_bytes=per_sample * batch_chunk,
+        basis=found.cut_size,
+        batch=x.shape[0],
+    )
+
+    def chunk(xs: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return graph_hessian.hessian(found, xs, ts, k), ts
+
+    try:
+        with torch.no_grad():
+            matrix = _in_chunks(batch_chunk, x, targets, chunk)[0]
+    except (RuntimeError, NotImplementedError):
+        if path is EnginePath.GRAPH:
+            raise
+        return None  # an operator without the AD rule the graph path needs: go generic
+    return matrix, plan
+
+
 def _targets(selection: _Selection, batch: int, m: int, x: torch.Tensor) -> torch.Tensor:
     objective = selection.objective
     if objective is None:
@@ -332,6 +418,12 @@ def compute_hessian(
         output = model(x)
     m = math.prod(profile.output_shape)
     selection = _select("hessian", output_index, objective, m, default_all=False)
+    targets = _targets(selection, batch, m, x)
+    if path.tries_graph:
+        graph_result = _graph_hessian(model, x, targets, selection, path, memory_budget_bytes)
+        if graph_result is not None:
+            matrix, plan = graph_result
+            return _result(matrix, output, plan, selection)
     plan = plan_hessian(
         n=n,
         batch=batch,
@@ -340,7 +432,6 @@ def compute_hessian(
         memory_budget_bytes=memory_budget_bytes,
         num_scalars=selection.count,
     )
-    targets = _targets(selection, batch, m, x)
     scalars = _scalars_fn(model, selection)
     if path is EnginePath.AUTOGRAD:
         matrix = rowloop.hessian(scalars, x, targets)

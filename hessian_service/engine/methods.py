@@ -37,21 +37,30 @@ class DerivativeKind(_WireEnum):
 class EnginePath(_WireEnum):
     """The path a caller asks the engine for."""
 
-    AUTO = "auto"  # structured when the network supports it, else generic
+    AUTO = "auto"  # structured, else graph, else generic, else the row loop
     STRUCTURED = "structured"  # closed-form layer-by-layer propagation (engine.structured)
+    GRAPH = "graph"  # node rules on the captured ATen graph (engine.graph)
     GENERIC = "generic"  # vectorized torch.func transforms (engine.generic)
     AUTOGRAD = "autograd"  # the per-row torch.autograd loop (engine.rowloop)
 
     @property
     def skips_structured(self) -> bool:
         """True when the caller asked for a path other than the structured one."""
-        return self in (EnginePath.GENERIC, EnginePath.AUTOGRAD)
+        return self in (EnginePath.GENERIC, EnginePath.AUTOGRAD, EnginePath.GRAPH)
+
+    @property
+    def tries_graph(self) -> bool:
+        """True when the graph path may run (asked for, or ``auto``)."""
+        return self in (EnginePath.AUTO, EnginePath.GRAPH)
 
 
 class Algorithm(_WireEnum):
     """What computed a result: the path, and on the generic path the AD mode."""
 
     STRUCTURED = "structured"
+    GRAPH_INPUT = "graph:input-tangents"  # node rules, tangents of every input element
+    GRAPH_CUT = "graph:cut"  # node rules from a narrower cut c: J_c^T H_c J_c
+    GRAPH_ZERO = "graph:zero"  # no node has curvature: known zeros, nothing computed
     FORWARD_OVER_REVERSE = "generic:forward-over-reverse"  # Hessians: jacfwd(jacrev)
     REVERSE_OVER_REVERSE = "generic:reverse-over-reverse"  # Hessians without forward AD
     REVERSE = "generic:reverse"  # Jacobians: one VJP per selected output row

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from hessian_service import engine
-from hessian_service.engine import Objective
+from hessian_service.engine import EnginePath, Objective
 from hessian_service.engine.structured import ELEMENTWISE, elementwise_derivatives, parse
 
 # Every supported elementwise non-linearity but the clipped ones (flat almost everywhere
@@ -105,7 +105,7 @@ def test_flatten_of_image_input_and_bundled_shapes() -> None:
     assert_paths_agree(model, torch.randn(2, 1, 3, 4, dtype=torch.float64), None)
 
 
-def test_unsupported_networks_fall_back_to_the_generic_path() -> None:
+def test_unsupported_networks_fall_back_to_the_graph_path() -> None:
     conv = nn.Sequential(
         nn.Conv2d(1, 2, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2, 2)
     )
@@ -113,10 +113,12 @@ def test_unsupported_networks_fall_back_to_the_generic_path() -> None:
     assert parse(nn.Sequential(nn.Conv2d(1, 2, 3, dilation=2), nn.Tanh()), (1, 6, 6)) is None
     assert parse(nn.Linear(4, 2), (2, 4)) is None  # Linear on a non-flat sample
     assert parse(nn.Sequential(nn.Linear(4, 4), nn.Dropout()).train(), (4,)) is None
-    result = engine.compute_hessian(
-        conv.double(), torch.randn(1, 1, 4, 4, dtype=torch.float64), output_index=0
-    )
-    assert result.method.startswith("generic")
+    x = torch.randn(1, 1, 4, 4, dtype=torch.float64)
+    result = engine.compute_hessian(conv.double(), x, output_index=0)
+    assert result.method.path is EnginePath.GRAPH
+    generic = engine.compute_hessian(conv, x, output_index=0, method="generic")
+    assert generic.method.startswith("generic")
+    torch.testing.assert_close(result.matrix, generic.matrix, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="hessian: method='structured' supports"):
         engine.hessian(conv, torch.randn(1, 1, 4, 4), output_index=0, method="structured")
 
@@ -144,10 +146,11 @@ class _PlainTanhSubclass(nn.Tanh):
     """A subclass that keeps torch's forward: the structured path still applies."""
 
 
-def test_layers_that_do_not_compute_as_their_class_take_the_generic_path() -> None:
+def test_layers_that_do_not_compute_as_their_class_take_the_graph_path() -> None:
     """An overridden forward (in a layer or a Sequential subclass) or a forward hook
     changes what the model computes, which the structured path, built on each layer's
-    known math, would miss; such networks run on the generic path and match autograd."""
+    known math, would miss; such networks run on the graph path (which traces what the
+    model actually runs, hooks included) and match autograd."""
     torch.manual_seed(13)
     hooked = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
     hooked[1].register_forward_hook(lambda _module, _inputs, output: 3 * output)
@@ -164,7 +167,7 @@ def test_layers_that_do_not_compute_as_their_class_take_the_generic_path() -> No
         model = model.double().eval().requires_grad_(False)
         assert parse(model, (4,)) is None
         result = engine.compute_hessian(model, x, output_index=1)
-        assert result.method.startswith("generic")
+        assert result.method.path is EnginePath.GRAPH
         torch.testing.assert_close(
             result.selected, _autograd_hessians(model, x, 1), rtol=1e-10, atol=1e-12
         )
