@@ -24,7 +24,13 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.architectures import ARCHITECTURES, Architecture, by_name
-from hessian_service.engine import DerivativeResult, Objective, compute_hessian, compute_jacobian
+from hessian_service.engine import (
+    DerivativeResult,
+    Objective,
+    ObjectiveKind,
+    compute_hessian,
+    compute_jacobian,
+)
 
 RELATIVE = 1e-10
 PATHS = frozenset({"graph", "structured", "generic", "autograd", "error"})
@@ -132,7 +138,7 @@ def _scalar_of_one_sample(arch: Architecture, model: nn.Module) -> Callable[...,
     """The table's scalar as a function of one sample, written here (not the engine's)."""
 
     def scalar(sample: torch.Tensor) -> torch.Tensor:
-        out = model(sample.unsqueeze(0)).reshape(-1)
+        out: torch.Tensor = model(sample.unsqueeze(0)).reshape(-1)
         if arch.objective == "cross_entropy":
             return F.cross_entropy(out.unsqueeze(0), torch.tensor([arch.target]))
         assert arch.objective is None and arch.output_index is not None
@@ -154,7 +160,8 @@ def reference_jacobian(name: str) -> torch.Tensor:
     arch, model, x = by_name(name), _model(name), _inputs(name)
 
     def outputs(sample: torch.Tensor) -> torch.Tensor:
-        return model(sample.unsqueeze(0)).reshape(-1)
+        out: torch.Tensor = model(sample.unsqueeze(0)).reshape(-1)
+        return out
 
     with sdpa_kernel(SDPBackend.MATH):
         return torch.stack([torch.func.jacrev(outputs)(s).reshape(-1, arch.n) for s in x])
@@ -166,7 +173,7 @@ def reference_jacobian(name: str) -> torch.Tensor:
 def _objective(arch: Architecture) -> Objective | None:
     if arch.objective is None:
         return None
-    return Objective(kind=arch.objective, target=torch.tensor(arch.target))
+    return Objective(kind=ObjectiveKind(arch.objective), target=torch.tensor(arch.target))
 
 
 @functools.cache
