@@ -10,7 +10,7 @@ TORCH_VERSION := 2.13.0
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 1000000000000
 
-.PHONY: setup setup-dev serve test lint pytest bench bench-load soak browser clean
+.PHONY: setup setup-dev serve test lint pytest bench bench-quick bench-load soak browser nginx clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ $(VENV)/.runtime: $(PY) pyproject.toml
 
 $(VENV)/.dev: $(VENV)/.runtime
 	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# The benchmark's peers (JAX): the `bench` extra, in its own stamp so `make test` never needs it.
+$(VENV)/.bench: $(VENV)/.dev
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $@
 
 setup: $(VENV)/.runtime
@@ -36,6 +41,15 @@ browser:
 		apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
 		echo "chromium not installed: the browser test will be skipped (CI installs it)"
 
+# Debian's nginx for the replica test (tests/e2e/test_replicas.py runs deploy/nginx.conf on
+# 127.0.0.1; it starts its own nginx, no service). Needs root; apt's lists are refreshed
+# only when the install cannot find the package without it.
+nginx:
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { [ "$$(id -u)" = 0 ] && \
+		{ apt-get install -y -qq nginx >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq nginx >/dev/null; }; }; } || \
+		echo "nginx not installed: the replica test will be skipped (CI installs it)"
+
 # Style, types, then the import layering contracts (pyproject.toml [tool.importlinter]) and
 # no import circle anywhere (scripts/check_import_cycles.py; lazy and TYPE_CHECKING imports count).
 lint: setup-dev
@@ -45,13 +59,18 @@ lint: setup-dev
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) scripts/check_import_cycles.py
 
-pytest: setup-dev browser
+pytest: setup-dev browser nginx
 	$(PY) -m pytest
 
 test: lint pytest
 
-bench: setup-dev
+# The whole benchmark (within 15 minutes on 2 cores); bench-quick: the headline rows of the
+# peer table alone (within 3 minutes). BENCH_ARGS="--rows pinn" runs the rows named so.
+bench: $(VENV)/.bench
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+bench-quick: $(VENV)/.bench
+	$(PY) -m bench.run --quick $(BENCH_ARGS)
 
 # 32 concurrent clients of single-sample requests, dynamic batching on vs off (bench/load.py).
 bench-load: setup-dev
