@@ -365,3 +365,47 @@ def test_compose_scale_profile_adds_nginx_and_three_replicas() -> None:
         "replica-2",
         "replica-3",
     ]
+
+
+# --------------------------------------------------------------------------- nginx settings
+
+
+def _nginx_value(directive: str) -> str:
+    """The one value of ``directive`` in deploy/nginx.conf (comments ignored)."""
+    text = re.sub(r"#[^\n]*", "", NGINX_CONF.read_text())
+    values = re.findall(rf"^\s*{directive}\s+([^;]+);", text, re.MULTILINE)
+    assert len(values) == 1, f"{directive}: {values}"
+    return values[0].strip()
+
+
+def _seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+)(ms|s|m)?", value)
+    assert match, value
+    return int(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[match.group(2)]
+
+
+def test_nginx_limits_agree_with_the_service_defaults() -> None:
+    """What the config's comments promise, checked against the service's own defaults."""
+    from uvicorn import Config
+
+    from hessian_service.config import Settings
+
+    settings = Settings()
+    size = _nginx_value("client_max_body_size")
+    assert size.endswith("m") and int(size[:-1]) * 2**20 == settings.max_body_bytes
+    # The service's deadline answers first (its 504), not a retry of the same work.
+    assert _seconds(_nginx_value("proxy_read_timeout")) > settings.request_timeout_s
+    # nginx closes an idle upstream connection before uvicorn does, never reusing a closing one.
+    assert _seconds(_nginx_value("keepalive_timeout")) < Config("x:y").timeout_keep_alive
+    # POSTs are retried (derivative calls are idempotent), a bounded number of times, and the
+    # body is kept to be resent.
+    retried_on = _nginx_value("proxy_next_upstream").split()
+    assert {"error", "timeout", "http_502", "http_503", "non_idempotent"} <= set(retried_on)
+    assert "http_504" not in retried_on
+    assert 1 < int(_nginx_value("proxy_next_upstream_tries")) <= 3
+    assert _nginx_value("proxy_request_buffering") == "on"
+    # The in-memory response buffers hold one binary FP32 784x784 Hessian whole.
+    count, size = _nginx_value("proxy_buffers").split()
+    assert int(count) * int(size.rstrip("k")) * 1024 >= 784 * 784 * 4
+    servers = re.findall(r"^server\s+\S+\s+(.*);", NGINX_SERVERS.read_text(), re.MULTILINE)
+    assert servers and all("max_fails=" in s and "fail_timeout=" in s for s in servers)
