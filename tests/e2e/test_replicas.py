@@ -192,15 +192,17 @@ def cluster() -> Iterator[Cluster]:
     folder.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
     prefix = folder / "prefix"
     prefix.mkdir()
-    ports = [free_port() for _ in range(REPLICAS)]
-    logs = [(folder / f"replica-{i}.log").open("ab") for i in range(REPLICAS)]
-    replicas = [Replica(port, log) for port, log in zip(ports, logs, strict=True)]
-    lb_port = free_port()
-    conf = render_nginx(folder, lb_port, ports)
     access_log, error_log = folder / "access.log", folder / "error.log"
-    started = time.monotonic()
+    logs: list[IO[bytes]] = []
+    replicas: list[Replica] = []
     nginx_process: subprocess.Popen[bytes] | None = None
+    started = time.monotonic()
     try:
+        ports = [free_port() for _ in range(REPLICAS)]
+        logs = [(folder / f"replica-{i}.log").open("ab") for i in range(REPLICAS)]
+        replicas = [Replica(port, log) for port, log in zip(ports, logs, strict=True)]
+        lb_port = free_port()
+        conf = render_nginx(folder, lb_port, ports)
         for replica in replicas:  # all at once: they import torch in parallel
             replica.start()
         deadline = time.monotonic() + READY_TIMEOUT_S
