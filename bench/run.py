@@ -1,27 +1,38 @@
 """Benchmark: our engine against the usual ways to get input Hessians and Jacobians.
 
-Everything is measured in ONE run, on this machine: medians of repeated calls (each
-method is warmed up first), ratios against every baseline, the max abs error against a
-float64 reference (``torch.func.hessian`` / ``jacrev`` in float64), the peak memory a
-call adds to the process (RSS sampled every millisecond), and the structured path's
-achieved GFLOP/s (FLOPs counted by ``torch.utils.flop_counter``) against the matmul peak
-measured in the same run. Then one /hessian request through a real uvicorn server on
-127.0.0.1, in JSON and in base64, against the engine alone. The last line printed is one
+Everything is measured in ONE run, on this machine, in four parts:
+
+- ``peers`` (bench/peer_table.py): issue 19's table, float32 on ``--threads`` CPUs (2):
+  each row's model through our engine (``method="auto"``) against the row loop,
+  ``torch.func.hessian`` (vmapped for a batch), ``torch.compile`` of it and ``jax.jit`` of
+  ``jax.hessian`` / ``jacfwd(jacrev)`` / ``jacrev(jacrev)`` on the same weights, with
+  ``best_peer`` and ``vs_best_peer`` per row;
+- ``engine``: the bundled models and a wider CNN in float32 and float64, one sample and a
+  batch of 32, against ``vmap(torch.func.hessian)``, with the max abs error against a
+  float64 reference, the peak memory a call adds (RSS sampled every millisecond) and the
+  engine's achieved GFLOP/s (FLOPs counted by ``torch.utils.flop_counter``) against the
+  matmul peak measured in the same run;
+- ``jacobian``: Jacobians of the bundled models against ``vmap(jacrev)`` and the row loop;
+- ``http``: one /hessian request through a real uvicorn server on 127.0.0.1, in JSON and
+  in base64, against the engine alone.
+
+Times are medians over interleaved rounds (bench/timing.py). The last line printed is one
 JSON object with every figure.
 
-Run: ``make bench`` (or ``python -m bench.run [--quick]``).
+Run: ``make bench`` (``make bench-quick``: the peer table's headline rows), or
+``python -m bench.run [--quick] [--parts peers,engine] [--rows pinn]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import gc
 import json
 import os
 import platform
 import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +42,7 @@ from torch.func import hessian as func_hessian
 from torch.func import jacrev, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import timing
+from bench import families, jax_peers, peer_table, timing
 from bench.models import bundled
 from bench.timing import Measured, measure_all, median_ms
 from hessian_service import engine
@@ -97,22 +108,6 @@ def scalar_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda sample: model(sample.unsqueeze(0)).reshape(-1)[OUTPUT_INDEX]
 
 
-def row_loop_hessian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The classic answer: one autograd.grad call per row of the Hessian."""
-    rows = []
-    for sample in x:
-        at = sample.detach().requires_grad_(True)
-        with torch.enable_grad():
-            (gradient,) = torch.autograd.grad(scalar_fn(model)(at), at, create_graph=True)
-            flat = gradient.reshape(-1)
-            per_sample = [
-                torch.autograd.grad(flat[i], at, retain_graph=True)[0].reshape(-1)
-                for i in range(flat.numel())
-            ]
-        rows.append(torch.stack(per_sample))
-    return torch.stack(rows)
-
-
 def row_loop_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The classic answer for Jacobians: one autograd.grad call per output, per sample."""
     result = []
@@ -129,15 +124,6 @@ def row_loop_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
                 )
             )
     return torch.stack(result)
-
-
-def best_jacrev_chunk(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> int | None:
-    best: tuple[float, int | None] = (float("inf"), None)
-    for chunk in (64, 128, 256, 512, None):
-        fn = jacrev(jacrev(f), chunk_size=chunk)
-        ms = median_ms(functools.partial(fn, x0), repeats=3, budget_s=3)
-        best = min(best, (ms, chunk), key=lambda pair: pair[0])
-    return best[1]
 
 
 def tabulate(
@@ -162,27 +148,16 @@ def tabulate(
     return rows, ratios
 
 
-def hessian_methods(
-    model: nn.Module, x: torch.Tensor, quick: bool
-) -> dict[str, Callable[[], torch.Tensor]]:
+def hessian_methods(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    """Ours against ``torch.func.hessian`` (vmapped over the batch; chunked when a whole
+    batch of n x n Hessians would not fit). The row loop, torch.compile and JAX are in the
+    peer table (bench/peer_table.py), on the float32 single-sample rows."""
     f = scalar_fn(model)
     vmap_chunk = None if x[0].numel() <= 1024 else 1
-    methods: dict[str, Callable[[], torch.Tensor]] = {
+    return {
         "ours": lambda: engine.hessian(model, x, output_index=OUTPUT_INDEX),
-        # vmap over the batch; chunked when a whole batch of n x n Hessians would not fit.
         "torch.func.hessian": lambda: vmap(func_hessian(f), chunk_size=vmap_chunk)(x),
     }
-    if x.shape[0] > 1:  # batches: vmap(torch.func.hessian) is the baseline
-        return methods
-    chunk = best_jacrev_chunk(f, x[0])
-    methods[f"jacrev(jacrev) chunk={chunk}"] = lambda: jacrev(jacrev(f), chunk_size=chunk)(x[0])
-    methods["autograd.functional.hessian vectorize"] = lambda: torch.autograd.functional.hessian(  # type: ignore[no-untyped-call]
-        f, x[0], vectorize=True
-    )
-    if not quick or x[0].numel() <= 784:
-        methods["row loop"] = lambda: row_loop_hessian(model, x)
-        methods["autograd.functional.hessian"] = lambda: torch.autograd.functional.hessian(f, x[0])  # type: ignore[no-untyped-call]
-    return methods
 
 
 def hessian_case(
@@ -194,7 +169,7 @@ def hessian_case(
     quick: bool,
     peak: float,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    repeats, budget = (3, 2.0) if quick else (15, 6.0)
+    repeats, budget = (3, 2.0) if quick else (9, 3.0)
     model = copy.deepcopy(base).to(dtype=dtype, device=DEVICE)
     reference_model = copy.deepcopy(base).double()
     torch.manual_seed(1)
@@ -206,9 +181,7 @@ def hessian_case(
             for sample in x[:REFERENCE_SAMPLES].double().cpu()
         ]
     )
-    results = measure_all(
-        hessian_methods(model, x, quick), reference, repeats=repeats, budget_s=budget
-    )
+    results = measure_all(hessian_methods(model, x), reference, repeats=repeats, budget_s=budget)
     ours = results["ours"]
     with FlopCounterMode(display=False) as counter:
         engine.hessian(model, x, output_index=OUTPUT_INDEX)
@@ -217,8 +190,10 @@ def hessian_case(
     rows, ratios = tabulate("hessian", key, results, batch)
     ratios[f"hessian/{key}/ours_ms"] = round(ours.ms, 3)
     ratios[f"hessian/{key}/ours_fraction_of_matmul_peak"] = round(gflops / peak, 3)
-    matmuls = matmuls_fraction_of_peak(
-        lambda: engine.hessian(model, x, output_index=OUTPUT_INDEX), dtype
+    matmuls = (
+        matmuls_fraction_of_peak(lambda: engine.hessian(model, x, output_index=OUTPUT_INDEX), dtype)
+        if name in PROFILED
+        else None
     )
     if matmuls is not None:
         ratios[f"hessian/{key}/ours_matmuls_fraction_of_matmul_peak"] = round(matmuls[1], 3)
@@ -273,6 +248,21 @@ def matmuls_fraction_of_peak(
     return statistics.median(achieved), statistics.median(fractions)
 
 
+# The cases of the engine-against-torch.func part: every model, dtype and batch, except
+# wide_cnn's batches (a float64 vmap(torch.func.hessian) of 32 of its 3072x3072 Hessians
+# takes 40 s a call; one sample shows its ratio).
+CASES: tuple[tuple[str, torch.dtype, int], ...] = tuple(
+    (name, dtype, batch)
+    for name in MODELS
+    for dtype in (torch.float32, torch.float64)
+    for batch in (1, 32)
+    if not (name == "wide_cnn" and batch > 1)
+)
+# Models whose matrix products' share of the matmul peak is profiled (the MLP path is
+# products; the CNN paths spend their time scattering receptive-field blocks).
+PROFILED = ("mlp_tanh",)
+
+
 def hessian_rows(quick: bool) -> tuple[list[dict[str, Any]], dict[str, float]]:
     rows: list[dict[str, Any]] = []
     ratios: dict[str, float] = {}
@@ -281,14 +271,13 @@ def hessian_rows(quick: bool) -> tuple[list[dict[str, Any]], dict[str, float]]:
     ratios["matmul_peak_gflops_float64"] = round(peaks[torch.float64], 1)
     for name, (make, shape) in MODELS.items():
         base = make()
-        for dtype in (torch.float32, torch.float64):
-            for batch in (1, 32):
-                case_rows, case_ratios = hessian_case(
-                    name, base, shape, dtype, batch, quick, peaks[dtype]
-                )
-                rows += case_rows
-                ratios.update(case_ratios)
-                gc.collect()
+        for dtype, batch in ((d, b) for model, d, b in CASES if model == name):
+            case_rows, case_ratios = hessian_case(
+                name, base, shape, dtype, batch, quick, peaks[dtype]
+            )
+            rows += case_rows
+            ratios.update(case_ratios)
+            gc.collect()
     return rows, ratios
 
 
@@ -347,34 +336,86 @@ def table(rows: list[dict[str, Any]], time_key: str) -> str:
     return "\n".join(lines)
 
 
+PARTS = ("http", "peers", "engine", "jacobian")
+
+
+def parts(args: argparse.Namespace) -> tuple[str, ...]:
+    """The parts to run: ``--parts``, else all on the CPU; ``--quick`` on the CPU is the
+    peer table's headline rows alone; on CUDA the peer table (a CPU comparison at a fixed
+    thread count, against JAX on the CPU) is left out."""
+    if args.parts:
+        chosen = tuple(part.strip() for part in args.parts.split(","))
+        unknown = sorted(set(chosen) - set(PARTS))
+        if unknown:
+            raise SystemExit(f"--parts: unknown {unknown}; expected some of {list(PARTS)}")
+        return chosen
+    if DEVICE.type != "cpu":
+        return tuple(part for part in PARTS if part != "peers")
+    return ("peers",) if args.quick else PARTS
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, skip slow loops")
+    parser.add_argument(
+        "--quick", action="store_true", help="the peer table's headline rows, fewer repeats"
+    )
     parser.add_argument("--skip-http", action="store_true", help="skip the end-to-end part")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--parts", default="", help=f"comma-separated, of {', '.join(PARTS)}")
+    parser.add_argument(
+        "--rows", action="append", default=[], help="peer-table rows whose key contains this"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="CPUs for torch and XLA")
     args = parser.parse_args(argv)
     global DEVICE
     DEVICE = torch.device(args.device)
     timing.set_device(DEVICE)
+    chosen = tuple(part for part in parts(args) if not (args.skip_http and part == "http"))
+    started = time.perf_counter()
+    ratios: dict[str, Any] = {"load_average_1min_start": round(os.getloadavg()[0], 2)}
+    # Threads and CPU affinity before the server starts (it inherits them); on CUDA the
+    # host keeps its CPUs.
+    jax_setup = jax_peers.setup(args.threads) if DEVICE.type == "cpu" else None
     print(
         f"# {device_name()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, MALLOC_MMAP_THRESHOLD_="
         f"{os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')} MALLOC_TRIM_THRESHOLD_="
-        f"{os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}",
+        f"{os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}; "
+        f"{jax_setup.note if jax_setup else 'no JAX peers on ' + str(DEVICE)}; "
+        f"load average {ratios['load_average_1min_start']}; parts {', '.join(chosen)}",
         flush=True,
     )
     # The server runs first: the allocator settings keep the pages the big baselines
     # below touch, and a server started after them can find the machine's memory gone.
-    ratios = {} if args.skip_http else http_ratios(args.quick)
-    hessians, hessian_ratios = hessian_rows(args.quick)
-    ratios.update(hessian_ratios)
-    jacobians, jacobian_ratios = jacobian_rows(args.quick)
-    ratios.update(jacobian_ratios)
-    print("\n## Hessians (time per Hessian, ratio = method time / ours)\n")
-    print(table(hessians, "ms_per_hessian"))
-    print("\n## Jacobians (time per Jacobian of all 10 outputs)\n")
-    print(table(jacobians, "ms_per_jacobian"))
+    if "http" in chosen:
+        ratios.update(http_ratios(args.quick))
+    peers: list[peer_table.RowResult] = []
+    if "peers" in chosen:
+        selected = families.rows(quick=args.quick, only=tuple(args.rows))
+        peers, peer_ratios = peer_table.peer_rows(selected, quick=args.quick, threads=args.threads)
+        ratios.update(peer_ratios)
+    hessians: list[dict[str, Any]] = []
+    if "engine" in chosen:
+        hessians, hessian_ratios = hessian_rows(args.quick)
+        ratios.update(hessian_ratios)
+    jacobians: list[dict[str, Any]] = []
+    if "jacobian" in chosen:
+        jacobians, jacobian_ratios = jacobian_rows(args.quick)
+        ratios.update(jacobian_ratios)
+    if peers:
+        print("\n## Peers (float32; ratio = peer time / ours: above 1, ours is faster)\n")
+        print(peer_table.summary(peers))
+        print()
+        print(peer_table.table(peers))
+    if hessians:
+        print("\n## Hessians (time per Hessian, ratio = method time / ours)\n")
+        print(table(hessians, "ms_per_hessian"))
+    if jacobians:
+        print("\n## Jacobians (time per Jacobian of all 10 outputs)\n")
+        print(table(jacobians, "ms_per_jacobian"))
     print()
+    ratios["load_average_1min_end"] = round(os.getloadavg()[0], 2)
+    ratios["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(ratios, sort_keys=True))
 
 

@@ -1,0 +1,153 @@
+"""The torch ways to get a row's input Hessian or Jacobian, as a user would write them.
+
+For each benchmark row (bench/families.py): the scalar of one sample (a raw output, or the
+cross-entropy towards the row's target class), the classic loop of ``autograd.grad`` rows,
+``torch.func.hessian`` / ``jacrev`` (vmapped over a batch), and the same under
+``torch.compile``. Every call runs under the math SDPA backend: CPU flash attention has no
+derivative of its backward (the transformer row), and on other rows the setting is unused.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import hessian, jacrev, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bench.families import BenchRow
+
+Method = Callable[[], torch.Tensor]
+
+
+def _math_sdpa(fn: Callable[[], torch.Tensor]) -> Method:
+    def call() -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.MATH):
+            return fn()
+
+    return call
+
+
+def scalars(row: BenchRow, out: torch.Tensor) -> torch.Tensor:
+    """The row's scalar of each sample, from the model's output ``[B, ...]``: ``[B]``."""
+    flat = out.reshape(out.shape[0], -1)
+    if row.objective == "cross_entropy":
+        return -torch.log_softmax(flat, dim=1)[:, row.target]
+    if row.objective is not None:
+        raise ValueError(f"{row.name}: unknown objective {row.objective!r}")
+    assert row.output_index is not None
+    return flat[:, row.output_index]
+
+
+def scalar_fn(model: nn.Module, row: BenchRow) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The row's scalar of ONE sample (what torch.func differentiates)."""
+    return lambda sample: scalars(row, model(sample.unsqueeze(0)))[0]
+
+
+def outputs_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Every output of ONE sample, flat (a Jacobian row's function)."""
+    return lambda sample: model(sample.unsqueeze(0)).reshape(-1)
+
+
+def row_loop_hessian(model: nn.Module, row: BenchRow, x: torch.Tensor) -> torch.Tensor:
+    """The classic answer: one ``autograd.grad`` call per Hessian row, all samples of the
+    batch at once (their scalars are independent, so the gradient of their sum holds each
+    sample's own gradient): ``n + 1`` backward passes, ``[B, n, n]``."""
+    at = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        total = scalars(row, model(at)).sum()
+        (gradient,) = torch.autograd.grad(total, at, create_graph=True)
+        flat = gradient.reshape(x.shape[0], -1)
+        rows = [
+            torch.autograd.grad(flat[:, i].sum(), at, retain_graph=True)[0].reshape(x.shape[0], -1)
+            for i in range(flat.shape[1])
+        ]
+    return torch.stack(rows, dim=1)
+
+
+def row_loop_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One ``autograd.grad`` call per output, all samples at once: ``[B, m, n]``."""
+    at = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = model(at).reshape(x.shape[0], -1)
+        rows = [
+            torch.autograd.grad(out[:, i].sum(), at, retain_graph=True)[0].reshape(x.shape[0], -1)
+            for i in range(out.shape[1])
+        ]
+    return torch.stack(rows, dim=1)
+
+
+def func_name(row: BenchRow, name: str) -> str:
+    """``torch.func.hessian``, or ``vmap(torch.func.hessian)`` for a batch."""
+    return f"vmap({name})" if row.batch > 1 else name
+
+
+def func_transform(model: nn.Module, row: BenchRow) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.func.hessian`` (or ``jacrev``) of the row's function, vmapped over a batch;
+    it takes the whole batch ``x`` either way."""
+    if row.kind == "jacobian":
+        per_sample = jacrev(outputs_fn(model))
+    else:
+        per_sample = hessian(scalar_fn(model, row))
+    if row.batch > 1:
+        return vmap(per_sample)
+    return lambda x: per_sample(x[0])
+
+
+@dataclass
+class Compiled:
+    """``torch.compile`` of the row's torch.func transform, compiled by its first call."""
+
+    method: Method | None
+    compile_s: float
+    error: str | None
+
+
+def compiled_transform(model: nn.Module, row: BenchRow, x: torch.Tensor) -> Compiled:
+    """``torch.compile(torch.func.hessian)`` (or ``jacrev``, vmapped for a batch), compiled
+    by one call here so that its compile time is reported apart from its run time. A
+    failure to compile is returned, not raised: the row says so.
+
+    Dynamo's caches are reset first: every row compiles the same Python function objects
+    (the lambdas above), and past its recompile limit dynamo would silently run them
+    eagerly."""
+    torch._dynamo.reset()
+    transform = torch.compile(func_transform(model, row))
+    start = time.perf_counter()
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            transform(x)
+    except Exception as error:
+        message = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        return Compiled(None, time.perf_counter() - start, message)
+    return Compiled(_math_sdpa(lambda: transform(x)), time.perf_counter() - start, None)
+
+
+def methods(model: nn.Module, row: BenchRow, x: torch.Tensor) -> dict[str, Method]:
+    """The eager torch peers of a row, by the names the JSON line uses."""
+    transform = func_transform(model, row)
+    if row.kind == "jacobian":
+        return {
+            func_name(row, "torch.func.jacrev"): _math_sdpa(lambda: transform(x)),
+            "row loop": _math_sdpa(lambda: row_loop_jacobian(model, x)),
+        }
+    return {
+        func_name(row, "torch.func.hessian"): _math_sdpa(lambda: transform(x)),
+        "row loop": _math_sdpa(lambda: row_loop_hessian(model, row, x)),
+    }
+
+
+def reference(model: nn.Module, row: BenchRow, x: torch.Tensor, samples: int) -> torch.Tensor:
+    """The float64 answer on the first ``samples`` samples: ``[S, n, n]`` (``[S, m, n]``),
+    torch.func per sample on a float64 copy of the model."""
+    double = copy.deepcopy(model).double()
+    per_sample = (
+        jacrev(outputs_fn(double)) if row.kind == "jacobian" else hessian(scalar_fn(double, row))
+    )
+    with sdpa_kernel(SDPBackend.MATH):
+        matrices = [per_sample(sample).reshape(-1, row.n) for sample in x[:samples].double()]
+    return torch.stack(matrices)
