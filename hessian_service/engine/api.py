@@ -22,6 +22,7 @@ from torch import nn
 
 from hessian_service.engine import generic, rowloop, structured
 from hessian_service.engine.graph import cache as graph_cache
+from hessian_service.engine.graph import direct as graph_direct
 from hessian_service.engine.graph import hessian as graph_hessian
 from hessian_service.engine.graph.plan import GraphPlan
 from hessian_service.engine.methods import Algorithm, EnginePath
@@ -288,6 +289,8 @@ def _graph_hessian(
     )
 
     def chunk(xs: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if found.direct_reason is None:
+            return graph_direct.hessian(found, xs, ts, k)[0], ts
         return graph_hessian.hessian(found, xs, ts, k), ts
 
     try:
@@ -330,6 +333,18 @@ def _structured_network(
             "non-linearities; use method='auto' to fall back to the generic path"
         )
     return network
+
+
+# The structured tail propagates an ``h x h`` curvature backward through every layer
+# (O(h^3) per sample); the graph path pushes ``n`` tangents forward (O(n h^2)). With this
+# few inputs per hidden unit the graph path wins (a 2-64-64-64-1 PINN: 35 ms against
+# 168 ms for 4096 samples, one thread).
+FEW_INPUTS_PER_WIDTH = 0.25
+
+
+def _few_inputs(network: structured.Network, n: int) -> bool:
+    widths = [layer.out_features for layer in network.tail if isinstance(layer, nn.Linear)]
+    return bool(widths) and n <= FEW_INPUTS_PER_WIDTH * max(widths)
 
 
 def _in_chunks(
@@ -389,6 +404,8 @@ def compute_hessian(
     path = _path("hessian", method)
     network = _structured_network("hessian", model, x, path)
     batch, n = x.shape[0], int(x[0].numel())
+    if network is not None and path is EnginePath.AUTO and _few_inputs(network, n):
+        network = None  # tangents of a few inputs beat curvature propagated backward
     if network is not None:
         m = _output_count(model, x)
         selection = _select("hessian", output_index, objective, m, default_all=False)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hessian_service.engine.graph import direct
 from hessian_service.engine.graph.capture import CaptureError, capture
 from hessian_service.engine.graph.plan import GraphPlan, GraphUnsupported, plan
 
@@ -70,6 +71,7 @@ def graph_plan(
     result: GraphPlan | Unsupported
     try:
         result = plan(capture(function, sample, target))
+        result.direct_reason = direct.unsupported_reason(result)
     except GraphUnsupported as error:
         result = Unsupported(str(error), error.node)
     except CaptureError as error:

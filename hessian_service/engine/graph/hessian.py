@@ -20,45 +20,8 @@ from torch.func import hessian as func_hessian
 from torch.func import jacfwd, jacrev, jvp, vjp, vmap
 
 from hessian_service.engine.graph.plan import GraphPlan
+from hessian_service.engine.graph.pointwise import second_derivatives
 from hessian_service.engine.graph.rules import NodeRule, RuleKind, call_with
-
-
-def _unit(
-    values: tuple[torch.Tensor, ...], positions: tuple[int, ...], chosen: int
-) -> tuple[torch.Tensor, ...]:
-    """Tangents of ones for argument ``chosen`` and zeros for the others (dense, fresh
-    tensors: broadcast arguments are views with zero strides)."""
-    return tuple(
-        (torch.ones if i == chosen else torch.zeros)(v.shape, dtype=v.dtype, device=v.device)
-        for i, v in zip(positions, values, strict=True)
-    )
-
-
-def _second_derivatives(
-    node: fx.Node, rule: NodeRule, args: list[torch.Tensor]
-) -> dict[tuple[int, int], torch.Tensor]:
-    """``d2 y / du_p du_q`` per element of a pointwise node, for dependent args p <= q,
-    by nested forward-mode AD of the operator itself."""
-    dependent = rule.dependent_args
-
-    def along(p: int, q: int) -> torch.Tensor:
-        def first(*values: torch.Tensor) -> torch.Tensor:
-            def call(*inner: torch.Tensor) -> torch.Tensor:
-                full = list(args)
-                for i, value in zip(dependent, inner, strict=True):
-                    full[i] = value
-                result = call_with(node, full, {})
-                assert isinstance(result, torch.Tensor)
-                return result
-
-            derivative: torch.Tensor = jvp(call, values, _unit(values, dependent, p))[1]
-            return derivative
-
-        primals = tuple(args[i].contiguous() for i in dependent)
-        second: torch.Tensor = jvp(first, primals, _unit(primals, dependent, q))[1]
-        return second
-
-    return {(p, q): along(p, q) for a, p in enumerate(dependent) for q in dependent[a:]}
 
 
 def _pointwise_term(
@@ -154,7 +117,7 @@ def _cut_hessian(
         rule = graph_plan.rules[node]
         adjoint = adjoints[index]
         if rule.kind is RuleKind.POINTWISE:
-            second = _second_derivatives(node, rule, args)
+            second = second_derivatives(node, rule, args)
             total = total + _pointwise_term(second, adjoint, tangent)
         elif rule.kind is RuleKind.CONTRACTION:
             first, second_factor = (1, 2) if len(args) == 3 else (0, 1)

@@ -18,6 +18,8 @@ import torch
 from torch import fx
 
 from hessian_service.engine.graph.rules import (
+    AFFINE_OPS,
+    PRODUCT_OPS,
     NodeRule,
     RuleKind,
     classify,
@@ -53,6 +55,10 @@ class GraphPlan:
     suffix: fx.GraphModule
     arg_counts: list[int] = field(default_factory=list)  # tensor args per curvature node
     eps_shapes: list[torch.Size] = field(default_factory=list)
+    downstream: set[fx.Node] = field(default_factory=set)  # nodes the cut reaches
+    affine_prefix: bool = False  # everything before the cut is affine: J_c is constant
+    constant_cut_jacobian: torch.Tensor | None = None  # [m, n], filled on first use
+    direct_reason: str | None = None  # why the direct executor cannot run it (None: it can)
 
     @property
     def is_zero(self) -> bool:
@@ -84,6 +90,18 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
             if parent not in seen:
                 seen.add(parent)
                 stack.append(parent)
+    return seen
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        for user in current.users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
     return seen
 
 
@@ -215,7 +233,14 @@ def _build(
     suffix = fx.GraphModule(graph, suffix_graph)
     suffix.graph.eliminate_dead_code()
     suffix.recompile()
+    affine_prefix = not cut_is_input and all(
+        op_name(node) in AFFINE_OPS | PRODUCT_OPS | {"mul", "div", "getitem"}
+        for node in _ancestors(cut) | {cut}
+        if node in rules and rules[node].kind is RuleKind.ZERO
+    )
     return GraphPlan(
+        downstream=_descendants(cut),
+        affine_prefix=affine_prefix,
         graph=graph,
         rules=rules,
         curvature=curvature,
