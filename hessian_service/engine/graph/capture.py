@@ -120,6 +120,7 @@ def capture(function: Callable[..., object], *example_args: torch.Tensor) -> fx.
         torch.backends.mha.set_fastpath_enabled(fast_path)
     _without_mutations(graph.graph)
     _views_for_copies(graph.graph)
+    _reshapes_for_strides(graph.graph)
     graph.graph.eliminate_dead_code()
     graph.recompile()
     _check_same(graph, function, example_args)
@@ -182,6 +183,29 @@ def _views_for_copies(graph: fx.Graph) -> None:
         elif isinstance(target, torch._ops.OpOverload) and target._opname in VIEW_COPIES:
             packet = getattr(aten, target._opname[: -len("_copy")])
             node.target = getattr(packet, target._overloadname)
+
+
+def _contiguous_strides(shape: list[int]) -> list[int]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return list(reversed(strides))
+
+
+def _reshapes_for_strides(graph: fx.Graph) -> None:
+    """``as_strided`` of a contiguous tensor with contiguous strides is a reshape (group
+    norm's decomposition emits them); reshapes have batching and tangent rules."""
+    for node in graph.nodes:
+        if node.target is not aten.as_strided.default or len(node.args) > 3:
+            continue
+        source, size, stride = node.args[0], list(node.args[1]), list(node.args[2])
+        value = source.meta.get("val") if isinstance(source, fx.Node) else None
+        if not isinstance(value, torch.Tensor) or not value.is_contiguous():
+            continue
+        if value.numel() == node.meta["val"].numel() and stride == _contiguous_strides(size):
+            node.target = aten.reshape.default
+            node.args = (source, size)
 
 
 def _without_mutations(graph: fx.Graph) -> None:

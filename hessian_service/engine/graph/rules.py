@@ -68,6 +68,13 @@ PIECEWISE_LINEAR_OPS = names(
     where relu6 hardsigmoid _prelu_kernel prelu sort topk
     """
 )
+# Outputs that never depend on their inputs' values: only on shapes.
+SHAPE_ONLY_OPS = names(
+    """
+    zeros_like ones_like full_like empty_like rand_like randn_like new_zeros new_ones
+    new_full new_empty
+    """
+)
 # Products: affine when at most one operand depends on the input, a contraction when two do.
 PRODUCT_OPS = frozenset({"mm", "bmm", "addmm", "matmul"})
 # Elementwise products/quotients are affine in a dependent numerator over a constant.
@@ -142,9 +149,9 @@ def classify(node: fx.Node, dependent: set[fx.Node]) -> NodeRule:
     """The rule of ``node`` given the set of nodes already known to depend on the input."""
     args = tensor_args(node)
     positions = tuple(i for i, arg in enumerate(args) if arg in dependent)
-    if not positions or not _floating(node):
-        return NodeRule(RuleKind.CONSTANT)
     name = op_name(node)
+    if not positions or not _floating(node) or name in SHAPE_ONLY_OPS:
+        return NodeRule(RuleKind.CONSTANT)
     if name == "getitem" or name in AFFINE_OPS or name in PIECEWISE_LINEAR_OPS:
         return NodeRule(RuleKind.ZERO, positions)
     if name in PRODUCT_OPS:
