@@ -4,6 +4,12 @@ No Python loop over rows: Jacobians are ``vmap``-ed vector-Jacobian (reverse) or
 Jacobian-vector (forward) products over basis vectors, Hessians are forward-over-reverse
 (``jvp`` of ``jacrev``) over basis vectors, and the batch is one more ``vmap``. Chunk
 sizes come from a ``Plan`` and bound the memory in use; they never change the result.
+
+Every transform runs in ``differentiable.derivative_mode``: grad mode on even under a
+caller's ``torch.no_grad()`` (SiLU's and Mish's backward then have forward-mode rules,
+so their Hessians are forward-over-reverse), the math attention kernel, functional
+recurrent layers and unoptimized TorchScript, so GRU, LSTM and attention models work.
+Results are detached.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
 
+from hessian_service.engine.differentiable import derivative_mode
 from hessian_service.engine.methods import Algorithm
 from hessian_service.engine.planner import Plan
 
@@ -62,7 +69,9 @@ def hessian(scalars: ScalarsFn, x: torch.Tensor, targets: torch.Tensor, plan: Pl
         hessian_columns: torch.Tensor = columns.permute(1, 2, 0)
         return hessian_columns
 
-    return vmap(per_sample)(x, targets)  # callers chunk the samples (plan.batch_chunk)
+    with derivative_mode():
+        matrices: torch.Tensor = vmap(per_sample)(x, targets)  # callers chunk the samples
+    return matrices.detach()
 
 
 def jacobian(
@@ -95,8 +104,9 @@ def jacobian(
         columns: torch.Tensor = vmap(column, chunk_size=plan.basis_chunk_or_all)(_basis(n, flat))
         return columns.transpose(0, 1), flat_scalars(flat)[1]
 
-    matrix, output = vmap(per_sample, chunk_size=plan.batch_chunk_or_all)(x, targets)
-    return matrix, output
+    with derivative_mode():
+        matrix, output = vmap(per_sample, chunk_size=plan.batch_chunk_or_all)(x, targets)
+    return matrix.detach(), output.detach()
 
 
 def jacobian_of_outputs(
@@ -116,5 +126,6 @@ def jacobian_of_outputs(
         (rows,) = vmap(pullback, chunk_size=plan.basis_chunk_or_all)(cotangents)
         return rows, output
 
-    rows, output = vmap(per_sample, chunk_size=plan.batch_chunk_or_all)(x)
-    return rows, output
+    with derivative_mode():
+        rows, output = vmap(per_sample, chunk_size=plan.batch_chunk_or_all)(x)
+    return rows.detach(), output.detach()

@@ -5,13 +5,17 @@ data-dependent control flow fails under ``vmap``, for one). This path needs noth
 reverse-mode autograd: per sample, one ``autograd.grad`` per Jacobian row and, for a
 Hessian, one more per row of the gradient. It is slow (the classic loop the service
 exists to avoid) and used only when the model's capability probe found that the
-vectorized paths do not work. Unused inputs give exact zeros, never an error.
+vectorized paths do not work. Unused inputs give exact zeros, never an error. It runs in
+``differentiable.derivative_mode`` (the math attention kernel, whose backward has a
+derivative of its own; unoptimized TorchScript), so that a second ``autograd.grad``
+works for attention too.
 """
 
 from __future__ import annotations
 
 import torch
 
+from hessian_service.engine.differentiable import derivative_mode
 from hessian_service.engine.generic import ScalarsFn, ScalarsWithOutputFn
 
 
@@ -28,7 +32,7 @@ def hessian(scalars: ScalarsFn, x: torch.Tensor, targets: torch.Tensor) -> torch
     """Hessians ``[B, k, n, n]`` of the ``k`` scalars of each sample of ``x`` (``[B, *S]``)."""
     sample_shape = x.shape[1:]
     per_sample = []
-    with torch.enable_grad():
+    with derivative_mode():
         for sample, target in zip(x, targets, strict=True):
             flat = sample.reshape(-1).detach().requires_grad_(True)
             values = scalars(flat.reshape(sample_shape), target)
@@ -47,7 +51,7 @@ def jacobian(
     """Jacobians ``[B, k, n]`` of the ``k`` scalars of each sample, and the flat outputs."""
     sample_shape = x.shape[1:]
     matrices, outputs = [], []
-    with torch.enable_grad():
+    with derivative_mode():
         for sample, target in zip(x, targets, strict=True):
             flat = sample.reshape(-1).detach().requires_grad_(True)
             values, output = scalars(flat.reshape(sample_shape), target)
