@@ -35,6 +35,7 @@ from hessian_service.engine.planner import (
     plan_structured_hessian,
     plan_structured_jacobian,
 )
+from hessian_service.engine.structure import Curvature, classify
 
 # Every path serves both kinds; "autograd" (the per-row loop, engine.rowloop) is for models
 # that torch.func transforms cannot run (the registry's capability probe picks it).
@@ -342,6 +343,13 @@ def _structured_network(
 FEW_INPUTS_PER_WIDTH = 0.25
 
 
+def _known_zero(model: nn.Module, objective: Objective | None) -> bool:
+    """A raw output (or linear objective) of an affine or piecewise-linear network: the
+    graph path answers zeros without computing them."""
+    linear = objective is None or objective.curvature_of_objective_is_zero
+    return linear and classify(model) is not Curvature.GENERAL
+
+
 def _few_inputs(network: structured.Network, n: int) -> bool:
     widths = [layer.out_features for layer in network.tail if isinstance(layer, nn.Linear)]
     return bool(widths) and n <= FEW_INPUTS_PER_WIDTH * max(widths)
@@ -404,8 +412,11 @@ def compute_hessian(
     path = _path("hessian", method)
     network = _structured_network("hessian", model, x, path)
     batch, n = x.shape[0], int(x[0].numel())
-    if network is not None and path is EnginePath.AUTO and _few_inputs(network, n):
-        network = None  # tangents of a few inputs beat curvature propagated backward
+    faster_on_graph = network is not None and (
+        _few_inputs(network, n) or _known_zero(model, objective)
+    )
+    if path is EnginePath.AUTO and faster_on_graph:
+        network = None  # the graph path is faster: tangents of a few inputs, or zeros
     if network is not None:
         m = _output_count(model, x)
         selection = _select("hessian", output_index, objective, m, default_all=False)
