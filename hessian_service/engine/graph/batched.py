@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import fx
 
-from hessian_service.engine.graph.rules import names, op_name
+from hessian_service.engine.graph.rules import arg, kwarg, names, op_name
 
 aten = torch.ops.aten
 
@@ -108,7 +109,7 @@ def apply(
     inputs = node.all_input_nodes
     if name == "getitem":
         container = tensors[0]
-        return container[node.args[1]]  # type: ignore[index]
+        return container[arg(node, 1)]  # type: ignore[index]
     if not any(batched):
         return _call(node, list(tensors))
     if name in FOLDED:
@@ -134,7 +135,7 @@ def apply(
     x = tensors[0]
     assert x is not None
     in_rank = _rank(inputs[0])
-    args = list(node.args)
+    args: list[Any] = list(node.args)
     if name in REDUCTIONS:
         dims = args[1] if len(args) > 1 and args[1] not in (None, []) else range(in_rank)
         dims = [dims] if isinstance(dims, int) else dims
@@ -147,9 +148,9 @@ def apply(
     if name in ONE_DIM:
         position = ONE_DIM[name]
         if name == "squeeze" and node.target is aten.squeeze.dims:
-            dims = [_norm(d, in_rank) + lead for d in args[1]]  # type: ignore[union-attr]
+            dims = [_norm(d, in_rank) + lead for d in args[1]]
             return torch.squeeze(x, dim=tuple(dims))
-        dim = args[position] if len(args) > position else node.kwargs.get("dim", 0)
+        dim = args[position] if len(args) > position else kwarg(node, "dim", 0)
         assert isinstance(dim, int)
         while len(args) <= position:
             args.append(None)
@@ -163,39 +164,39 @@ def apply(
             t if b else t.expand(*x.shape[:lead], *t.shape)  # type: ignore[union-attr]
             for t, b in zip(tensors, batched, strict=True)
         ]
-        first = node.args[0][0]  # type: ignore[index]
-        rank = _rank(first) + (1 if name == "stack" else 0)  # type: ignore[arg-type]
-        dim = node.args[1] if len(node.args) > 1 else 0
+        first = arg(node, 0)[0]
+        rank = _rank(first) + (1 if name == "stack" else 0)
+        dim = arg(node, 1, 0)
         assert isinstance(dim, int)
         join = torch.cat if name == "cat" else torch.stack
         return join(pieces, dim=_norm(dim, rank) + lead)  # type: ignore[arg-type]
     if name == "unsqueeze":
-        dim = node.args[1]
+        dim = arg(node, 1)
         assert isinstance(dim, int)
         return x.unsqueeze(_norm(dim, in_rank + 1) + lead)
     if name == "transpose":
-        d0, d1 = node.args[1], node.args[2]
+        d0, d1 = arg(node, 1), arg(node, 2)
         assert isinstance(d0, int) and isinstance(d1, int)
         return x.transpose(_norm(d0, in_rank) + lead, _norm(d1, in_rank) + lead)
     if name == "t":
         return x if in_rank < 2 else x.transpose(lead, lead + 1)
     if name == "permute":
-        dims = node.args[1]
+        dims = arg(node, 1)
         assert isinstance(dims, (list, tuple))
         return x.permute(*range(lead), *(_norm(d, in_rank) + lead for d in dims))
     if name == "flip":
-        dims = node.args[1]
+        dims = arg(node, 1)
         assert isinstance(dims, (list, tuple))
         return x.flip([_norm(d, in_rank) + lead for d in dims])
     if name in SHAPES:
-        shape = list(node.args[1])  # type: ignore[arg-type]
-        leading = list(x.shape[:lead])
+        sizes = list(arg(node, 1))
+        prefix = list(x.shape[:lead])
         if name == "expand":
-            x = _lift(x, lead, len(shape))
-            return x.expand(*leading, *shape)
-        return x.reshape(*leading, *shape)
+            x = _lift(x, lead, len(sizes))
+            return x.expand(*prefix, *sizes)
+        return x.reshape(*prefix, *sizes)
     if name == "index":
-        indices = node.args[1]
+        indices = arg(node, 1)
         assert isinstance(indices, (list, tuple))
         supply = iter(tensors[1:])
         chosen = tuple(slice(None) if i is None else next(supply) for i in indices)
@@ -218,8 +219,8 @@ def _product(
             return product
         if batched[0]:
             bias = _lift(bias, lead, 2)
-        beta = node.kwargs.get("beta", 1)
-        alpha = node.kwargs.get("alpha", 1)
+        beta = kwarg(node, "beta", 1)
+        alpha = kwarg(node, "alpha", 1)
         return beta * bias + alpha * product if (beta, alpha) != (1, 1) else bias + product
     left, right = tensors[0], tensors[1]
     assert left is not None and right is not None

@@ -19,13 +19,15 @@ without a batching or tangent rule, or the dense rule).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import fx
 
 from hessian_service.engine.graph import batched
 from hessian_service.engine.graph.plan import GraphPlan
 from hessian_service.engine.graph.pointwise import first_derivatives, second_derivatives
-from hessian_service.engine.graph.rules import RuleKind, op_name, tensor_args
+from hessian_service.engine.graph.rules import RuleKind, arg, kwarg, op_name, tensor_args
 
 # Affine operators whose tangent is the operator applied to the tangents, with these
 # argument positions (additive constants) left out; all others of AFFINE_OPS keep theirs.
@@ -105,11 +107,11 @@ def _tangent(runner: _Runner, node: fx.Node, tangents: dict[fx.Node, object]) ->
     dependent = [i for i, a in enumerate(args) if a in tangents]
     if name == "getitem":
         container = tangents[args[0]]
-        return container[node.args[1]]  # type: ignore[index]
+        return container[arg(node, 1)]  # type: ignore[index]
     if name in SUMS:
         total: torch.Tensor | None = None
         rank = batched._rank(node)
-        alpha = node.kwargs.get("alpha", 1)
+        alpha = kwarg(node, "alpha", 1)
         for i in dependent:
             piece = batched._lift(tangents[args[i]], 2, rank)  # type: ignore[arg-type]
             if i == 1 and (name == "sub" or alpha != 1):
@@ -139,7 +141,7 @@ def _tangent(runner: _Runner, node: fx.Node, tangents: dict[fx.Node, object]) ->
         values = [_expanded(runner.values[a], a in runner.per_sample, rank, shape, 1) for a in args]
         output = runner.values[node]
         assert isinstance(output, torch.Tensor)
-        derivative = first_derivatives(node, tuple(dependent), values, output)  # type: ignore[arg-type]
+        derivative = first_derivatives(node, tuple(dependent), values, output)
         total = None
         for i in dependent:
             piece = batched._lift(tangents[args[i]], 2, rank) * derivative[i].unsqueeze(1)  # type: ignore[arg-type]
@@ -149,10 +151,10 @@ def _tangent(runner: _Runner, node: fx.Node, tangents: dict[fx.Node, object]) ->
         x = runner.values[args[0]]
         chosen = runner.values[node]
         assert isinstance(x, torch.Tensor) and isinstance(chosen, torch.Tensor)
-        dims = node.args[1] if len(node.args) > 1 else []
-        keep = bool(node.args[2]) if len(node.args) > 2 else False
+        dims = arg(node, 1, [])
+        keep = bool(arg(node, 2, False))
         rank = batched._rank(args[0])
-        axes = [batched._norm(d, rank) + 1 for d in (dims or range(rank))]  # type: ignore[union-attr]
+        axes = [batched._norm(d, rank) + 1 for d in (dims or range(rank))]
         broadcast = chosen if keep else _unsqueeze_all(chosen, axes)
         mask = (x == broadcast).to(x.dtype)
         mask = mask / mask.sum(dim=axes, keepdim=True)
@@ -169,24 +171,23 @@ def _tangent(runner: _Runner, node: fx.Node, tangents: dict[fx.Node, object]) ->
         branches = [
             _expanded(tangents[a], True, rank, shape, 2) if a in tangents else 0.0 for a in args[1:]
         ]
-        return torch.where(condition, *branches)  # type: ignore[call-overload]
+        return torch.where(condition, *branches)
     # Affine: the operator on the tangents, additive constants dropped.
     inputs: list[torch.Tensor | None] = []
     flags: list[bool] = []
-    for i, arg in enumerate(args):
-        if arg in tangents:
-            inputs.append(tangents[arg])  # type: ignore[arg-type]
+    for i, item in enumerate(args):
+        if item in tangents:
+            inputs.append(tangents[item])  # type: ignore[arg-type]
             flags.append(True)
         elif i in ADDITIVE.get(name, ()):
             inputs.append(None)
             flags.append(False)
         elif name in ("cat", "stack"):
-            shape = arg.meta["val"].shape
-            inputs.append(runner.plan_zeros(shape))
+            inputs.append(runner.plan_zeros(item.meta["val"].shape))
             flags.append(False)
         else:
-            inputs.append(runner.lifted(arg))
-            flags.append(arg in runner.per_sample)
+            inputs.append(runner.lifted(item))
+            flags.append(item in runner.per_sample)
     if name in ("cat", "stack"):
         leading = next(t for t, f in zip(inputs, flags, strict=True) if f).shape[:2]  # type: ignore[union-attr]
         inputs = [
@@ -206,8 +207,8 @@ def _with_zero_fill(node: fx.Node, inputs: list[torch.Tensor | None]) -> object:
     x = inputs[0]
     assert x is not None
     if op_name(node) == "constant_pad_nd":
-        pad = node.args[1]
-        return torch.nn.functional.pad(x, list(pad), value=0.0)  # type: ignore[arg-type]
+        pad = arg(node, 1)
+        return torch.nn.functional.pad(x, list(pad), value=0.0)
     mask = inputs[1]
     assert mask is not None
     return x.masked_fill(mask, 0.0)
@@ -234,7 +235,9 @@ def _pooled_tangent(
     runner: _Runner, node: fx.Node, tangent: torch.Tensor
 ) -> tuple[torch.Tensor, None]:
     """Max-pooling routes each output to one input element: gather the tangents there."""
-    _, indices = runner.values[node]  # type: ignore[misc]
+    pooled = runner.values[node]
+    assert isinstance(pooled, tuple)
+    indices: torch.Tensor = pooled[1]
     batch, m = tangent.shape[:2]
     spatial_in = tangent.shape[4:]
     flat = tangent.reshape(batch, m, *tangent.shape[2:4], -1)
@@ -257,7 +260,7 @@ def hessian(
         for node, shape in zip(graph_plan.curvature, graph_plan.eps_shapes, strict=True)
     }
     output_node = next(node for node in graph_plan.graph.graph.nodes if node.op == "output")
-    scalars_node, out_node = output_node.args[0]  # type: ignore[misc]
+    scalars_node, out_node = output_node.args[0]
     if graph_plan.affine_prefix and graph_plan.constant_cut_jacobian is None:
         graph_plan.constant_cut_jacobian = _constant_jacobian(graph_plan, x, targets)
     needs_input_grad = not graph_plan.cut_is_input and graph_plan.constant_cut_jacobian is None
@@ -297,7 +300,7 @@ def _constant_jacobian(
     prefix = graph_plan.prefix
     assert prefix is not None
     sample, target = x[:1].detach(), targets[0]
-    jacobian = torch.func.jacrev(lambda value: prefix(value, target))(sample)
+    jacobian: torch.Tensor = torch.func.jacrev(lambda value: prefix(value, target))(sample)
     return jacobian.reshape(graph_plan.cut_size, -1).detach()
 
 
@@ -322,7 +325,7 @@ def _cut_jacobian(
 def _cut_hessian(
     graph_plan: GraphPlan,
     runner: _Runner,
-    adjoints: list[tuple[torch.Tensor | None, ...]],
+    adjoints: Sequence[tuple[torch.Tensor | None, ...]],
     k: int,
     batch: int,
 ) -> torch.Tensor:
@@ -378,10 +381,10 @@ def _term(
     rank = batched._rank(node)
     shape = list(node.meta["val"].shape)
     values = [_expanded(runner.values[a], a in runner.per_sample, rank, shape, 1) for a in args]
-    second = second_derivatives(node, rule, values)
+    derivatives = second_derivatives(node, rule, values)
     flat_adjoint = adjoint.reshape(batch, k, -1)
     total: torch.Tensor | None = None
-    for (p, q), d2 in second.items():
+    for (p, q), d2 in derivatives.items():
         size = flat_adjoint.shape[-1]
         left = _expanded(tangents[args[p]], True, rank, shape, 2).reshape(batch, -1, size)
         right = _expanded(tangents[args[q]], True, rank, shape, 2).reshape(batch, -1, size)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import torch
 from torch import fx
@@ -120,6 +121,17 @@ def op_name(node: fx.Node) -> str:
     if target is operator.getitem:
         return "getitem"
     return str(target)
+
+
+def arg(node: fx.Node, position: int, default: Any = None) -> Any:
+    """A node's positional argument (``default`` when absent), untyped: fx types
+    arguments as a wide union, and each rule knows what its operator's schema says."""
+    return node.args[position] if len(node.args) > position else default
+
+
+def kwarg(node: fx.Node, name: str, default: Any = None) -> Any:
+    """A node's keyword argument, untyped (see ``arg``)."""
+    return node.kwargs.get(name, default)
 
 
 def tensor_args(node: fx.Node) -> list[fx.Node]:
