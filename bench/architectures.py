@@ -603,6 +603,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         TutorialCNN,
         objective="cross_entropy",
         target=5,
+        batch=1,  # 784 inputs: one sample keeps its float64 reference under a second
     ),
     _arch("gru_head", "recurrent", (6, 4), lambda: RecurrentHead(nn.GRU, 4, 16)),
     _arch("lstm_head", "recurrent", (6, 4), lambda: RecurrentHead(nn.LSTM, 4, 16)),

@@ -39,12 +39,50 @@ COVERAGE_FLOOR = 0.8
 
 # The path each architecture's Hessian takes with method="auto": the part of
 # `str(result.method)` before the colon, or "error" where the engine raises (then
-# KNOWN_ERRORS holds the message and the correctness and path cases are strict xfails).
-# Filled with what the engine gave before the graph engine (commit 645cc02): the
-# structured path parses only nn.Sequential chains of known layers, everything else is
-# generic, and recurrent and attention layers fail under torch.func. The lead updates it
-# (and the two dicts below) as the graph engine ("graph:...") lands.
+# KNOWN_ERRORS holds the message and that architecture's correctness and path cases are
+# strict xfails, so a fix shows up as a failure until the entry is flipped). Filled with
+# what the engine gives now; update it with the engine. History: before the graph engine
+# (commit 645cc02) 5 of these took "structured", 23 "generic", and gru_head, lstm_head,
+# multihead_attention and transformer_encoder raised ("output with shape [1, 16] doesn't
+# match the broadcast shape [2, 1, 16]"; "derivative for
+# aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented").
 EXPECTED_PATH: dict[str, str] = {
+    "mlp_tanh": "structured",
+    "residual_mlp": "graph",
+    "residual_cnn": "graph",
+    "layernorm_gelu_mlp": "graph",
+    "rmsnorm_mlp": "graph",
+    "groupnorm_cnn": "graph",
+    "cnn_relu_maxpool": "graph",
+    "cnn_bn_silu": "graph",
+    "depthwise_cnn": "graph",
+    "dilated_cnn": "graph",
+    "conv1d_sequence": "graph",
+    "convtranspose_decoder": "graph",
+    "functional_mlp": "graph",
+    "swish_mlp": "graph",
+    "mish_elu_mlp": "graph",
+    "pinn_tanh": "graph",  # forward tangents: n = 2 is far below the widths
+    "pinn_sin": "graph",
+    "softplus_energy_mlp": "structured",
+    "sequential_subclass": "structured",
+    "lenet": "structured",
+    "tutorial_cnn": "graph",
+    "gru_head": "graph",
+    "lstm_head": "graph",
+    "multihead_attention": "graph",
+    "sdpa_attention": "graph",
+    "transformer_encoder": "graph",
+    "gating_mlp": "graph",
+    "quotient_mlp": "graph",
+    "softmax_head": "graph",
+    "log_softmax_head": "graph",
+    "concat_slice_index": "graph",
+    "mean_permute": "graph",
+}
+# The same for the Jacobian of all outputs (the graph engine derives Hessians only, so
+# far: its Jacobians go generic).
+EXPECTED_JACOBIAN_PATH: dict[str, str] = {
     "mlp_tanh": "structured",
     "residual_mlp": "generic",
     "residual_cnn": "generic",
@@ -66,11 +104,11 @@ EXPECTED_PATH: dict[str, str] = {
     "sequential_subclass": "structured",
     "lenet": "structured",
     "tutorial_cnn": "generic",
-    "gru_head": "error",
-    "lstm_head": "error",
-    "multihead_attention": "error",
+    "gru_head": "generic",
+    "lstm_head": "generic",
+    "multihead_attention": "generic",
     "sdpa_attention": "generic",
-    "transformer_encoder": "error",
+    "transformer_encoder": "generic",
     "gating_mlp": "generic",
     "quotient_mlp": "generic",
     "softmax_head": "generic",
@@ -78,31 +116,13 @@ EXPECTED_PATH: dict[str, str] = {
     "concat_slice_index": "generic",
     "mean_permute": "generic",
 }
-# The Jacobian's path (all outputs), where it differs from the Hessian's.
-JACOBIAN_PATH_DIFFERS: dict[str, str] = {
-    "multihead_attention": "generic",
-    "transformer_encoder": "generic",
-}
-# What the engine raises where a path above is "error" (the lead flips these).
-KNOWN_ERRORS: dict[str, str] = {
-    "gru_head": "output with shape [1, 16] doesn't match the broadcast shape [2, 1, 16]",
-    "lstm_head": "output with shape [1, 64] doesn't match the broadcast shape [2, 1, 64]",
-    "multihead_attention": (
-        "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward "
-        "is not implemented"
-    ),
-    "transformer_encoder": (
-        "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward "
-        "is not implemented"
-    ),
-}
+# What the engine raises where a path above is "error", by architecture.
+KNOWN_ERRORS: dict[str, str] = {}
 
 
 def expected_path(name: str, kind: str) -> str:
     """The path the table expects for ``kind`` ("hessian" or "jacobian")."""
-    if kind == "jacobian":
-        return JACOBIAN_PATH_DIFFERS.get(name, EXPECTED_PATH[name])
-    return EXPECTED_PATH[name]
+    return (EXPECTED_JACOBIAN_PATH if kind == "jacobian" else EXPECTED_PATH)[name]
 
 
 def _case(kind: str, arch: Architecture) -> object:
@@ -204,7 +224,8 @@ def test_expectations_cover_the_table_exactly() -> None:
     names = {arch.name for arch in ARCHITECTURES}
     assert set(EXPECTED_PATH) == names
     assert set(EXPECTED_PATH.values()) <= PATHS
-    assert set(JACOBIAN_PATH_DIFFERS) <= names and set(JACOBIAN_PATH_DIFFERS.values()) <= PATHS
+    assert set(EXPECTED_JACOBIAN_PATH) == names
+    assert set(EXPECTED_JACOBIAN_PATH.values()) <= PATHS
     kinds = ("hessian", "jacobian")
     failing = {name for name in names if "error" in {expected_path(name, k) for k in kinds}}
     assert set(KNOWN_ERRORS) == failing
@@ -241,7 +262,6 @@ def test_jacobian_path(name: str) -> None:
     assert str(engine_jacobian(name).method).split(":")[0] == expected_path(name, "jacobian")
 
 
-@pytest.mark.xfail(strict=True, reason="graph engine not landed yet")
 def test_fast_paths_cover_the_table() -> None:
     # EXPECTED_PATH is what runs (test_hessian_path pins it), so its share is the coverage.
     share = sum(path in FAST_PATHS for path in EXPECTED_PATH.values()) / len(EXPECTED_PATH)
