@@ -28,6 +28,7 @@ from hessian_service.engine.graph import batched
 from hessian_service.engine.graph.plan import GraphPlan
 from hessian_service.engine.graph.pointwise import first_derivatives, second_derivatives
 from hessian_service.engine.graph.rules import RuleKind, arg, kwarg, op_name, tensor_args
+from hessian_service.engine.symmetric import symmetric_matmul
 
 # Affine operators whose tangent is the operator applied to the tangents, with these
 # argument positions (additive constants) left out; all others of AFFINE_OPS keep theirs.
@@ -287,9 +288,11 @@ def hessian(
     if graph_plan.cut_is_input:
         return h_cut, flat_out.detach()
     assert j_cut is not None
-    full = torch.matmul(
-        j_cut.transpose(-1, -2).unsqueeze(-3), torch.matmul(h_cut, j_cut.unsqueeze(-3))
-    )
+    left = j_cut.transpose(-1, -2)  # [n, m] or [B, n, m]
+    if left.dim() == 3:
+        left = left.unsqueeze(1)  # one per sample, shared by the k scalars
+    # J_c^T (H_c J_c) is symmetric: the upper block triangle and a mirror (5/8 the flops).
+    full = symmetric_matmul(left, torch.matmul(h_cut, j_cut.unsqueeze(-3)))
     return full, flat_out.detach()
 
 
