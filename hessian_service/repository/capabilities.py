@@ -1,13 +1,22 @@
 """Probe a loaded model once: what the engine can do with it, and what to expect.
 
-The probe runs at load time on a small seeded input and records: whether ``vmap`` and
-forward-mode AD (``jvp``) work on the model, which engine path serves its Hessians
-(``structured``, the vectorized ``generic`` torch.func path, or the ``autograd`` row loop
-for models torch.func cannot transform), whether its Hessian is zero everywhere or
-almost everywhere (from its module types or, for TorchScript and torch.export models,
-from the operators in its graph), whether it holds random operations, and its size.
+The probe runs at load time on a small seeded input and records: whether ``vmap`` (of a
+per-sample gradient, the way the engine vectorizes) and forward-mode AD (``jvp``) work
+on the model, which engine path serves its Hessians (what ``method="auto"`` ran on a
+trial sample, or the ``autograd`` row loop for models the automatic path cannot
+transform), whether its Hessian is zero everywhere or almost everywhere (from its
+module types or, for TorchScript and torch.export models, from the operators in its
+graph), whether it holds random operations, and its size.
 The derivative endpoints read the stored report to choose their method: nothing is
 probed again per request.
+
+Every model, uploaded or from the zoo, is served with ``method="auto"`` (the engine picks
+its fastest path per request, exactly as for an in-process module) unless a trial shows
+that the automatic path fails on it; only then is the row loop recorded for that kind
+(Hessian or Jacobian), after a trial of it too. The probe checks what serving runs, not
+something stricter: a plain ``vmap`` of a ``torch.export`` module that flattens with
+``x.view(x.size(0), -1)`` fails on ``aten::sym_size`` (it has no batching rule), while
+``vmap`` of its gradient, which is what the engine runs, works.
 """
 
 from __future__ import annotations
@@ -18,10 +27,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import jvp, vmap
+from torch.func import grad, jvp, vmap
 
 from hessian_service.engine import (
     AUTODIFF_LOCK,
+    Algorithm,
     Curvature,
     DerivativeKind,
     EnginePath,
@@ -60,6 +70,10 @@ RANDOM_MODULES: tuple[type[nn.Module], ...] = (
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
 )
+# torch's inference fast path for attention: fused kernels without derivatives. Eager
+# modules and torch.export leave it when differentiating; a TorchScript trace made in eval
+# mode records them in its graph, and then no path can differentiate the model.
+FAST_PATH_OPS = frozenset({"_native_multi_head_attention", "_transformer_encoder_layer_fwd"})
 _ATEN_IN_TEXT = re.compile(r"aten::(\w+)")
 # Above this many Hessian entries (n x n for one sample, 256 MB in float32) the probe does
 # not compute a trial Hessian.
@@ -75,9 +89,9 @@ class Capabilities:
     batch: str  # "any": the model takes a batch; "one": exported with a batch of 1
     vmap: bool
     forward_mode: bool
-    engine_path: EnginePath  # structured | generic | autograd: what serves its Hessians
-    hessian_method: EnginePath  # the engine's method argument for /hessian
-    jacobian_method: EnginePath  # ... and for /jacobian
+    engine_path: EnginePath  # the path auto took on the trial (or autograd): its Hessians
+    hessian_method: EnginePath  # the method argument for /hessian: auto, or autograd
+    jacobian_method: EnginePath  # ... and for /jacobian (autograd when auto failed)
     curvature: Curvature
     random_ops: bool
     random_evidence: tuple[str, ...]
@@ -161,32 +175,60 @@ def _works(check: object) -> tuple[bool, str | None]:
     return True, None
 
 
+def _method_for(
+    kind: DerivativeKind, module: nn.Module, x1: torch.Tensor, notes: list[str]
+) -> tuple[EnginePath, Algorithm]:
+    """The method for derivatives of ``kind`` and what ran on the trial sample ``x1``:
+    ``auto`` when a trial of it works, else the autograd row loop once a trial of that
+    works (when it fails too, its error fails the load)."""
+    compute = compute_hessian if kind is DerivativeKind.HESSIAN else compute_jacobian
+    try:
+        result = compute(module, x1, output_index=0, method=EnginePath.AUTO)
+    except Exception as error:  # the automatic path cannot run it: the row loop will
+        notes.append(f"{kind} by the automatic path: {_first_line(error)}; using the row loop")
+        try:
+            result = compute(module, x1, output_index=0, method=EnginePath.AUTOGRAD)
+        except Exception as last:
+            _explain_fast_path(module, last)
+            raise
+        return EnginePath.AUTOGRAD, result.method
+    return EnginePath.AUTO, result.method
+
+
+def _explain_fast_path(module: nn.Module, error: Exception) -> None:
+    """Raise ``error`` again with the way out when the graph holds a fused fast-path op."""
+    fused = sorted((graph_ops(module) or set()) & FAST_PATH_OPS)
+    if fused:
+        ops = ", ".join(f"aten::{op}" for op in fused)
+        raise ValueError(
+            f"{_first_line(error)}: the model's graph holds {ops}, torch's attention "
+            "inference fast path, which has no derivatives; trace it after "
+            "torch.backends.mha.set_fastpath_enabled(False), or use torch.export"
+        ) from error
+
+
 def _choose_methods(
     module: nn.Module, x: torch.Tensor, vmap_ok: bool, notes: list[str]
 ) -> tuple[EnginePath, EnginePath, EnginePath]:
-    """``(engine_path, hessian_method, jacobian_method)`` from trying the engine on one
-    sample; the Hessian trial is skipped (and the path read from the network's layers)
-    when one ``n x n`` matrix would be too large to compute just to find out."""
-    sample_shape = tuple(x.shape[1:])
+    """``(engine_path, hessian_method, jacobian_method)``.
+
+    Each kind is tried on one sample on its own (a model whose Hessians the graph path
+    serves may still need the row loop for Jacobians); ``engine_path`` is the path its
+    Hessian took there. When one ``n x n`` matrix is too large to compute just to find
+    out, the ``vmap`` check decides instead and the path is read from the network's
+    layers.
+    """
     n = x[0].numel()
-    row_loop = EnginePath.AUTOGRAD
-    if not vmap_ok:
-        compute_hessian(module, x[:1], output_index=0, method=row_loop)
-        return row_loop, row_loop, row_loop
     if n * n > MAX_PROBE_HESSIAN_ENTRIES:
         notes.append(f"Hessian probe skipped: {n} x {n} entries is too large for a trial")
-        parsed = structured.parse(module, sample_shape) is not None
+        if not vmap_ok:
+            return EnginePath.AUTOGRAD, EnginePath.AUTOGRAD, EnginePath.AUTOGRAD
+        parsed = structured.parse(module, tuple(x.shape[1:])) is not None
         path = EnginePath.STRUCTURED if parsed else EnginePath.GENERIC
-        return path, path, EnginePath.AUTO
-    try:
-        result = compute_hessian(module, x[:1], output_index=0)
-        compute_jacobian(module, x[:1], output_index=0)
-    except Exception as error:  # torch.func cannot run it: the row loop will
-        notes.append(f"torch.func: {_first_line(error)}; using the autograd row loop")
-        compute_hessian(module, x[:1], output_index=0, method=row_loop)
-        return row_loop, row_loop, row_loop
-    path = result.method.path
-    return path, path, EnginePath.AUTO
+        return path, EnginePath.AUTO, EnginePath.AUTO
+    hessian_method, ran = _method_for(DerivativeKind.HESSIAN, module, x[:1], notes)
+    jacobian_method, _ = _method_for(DerivativeKind.JACOBIAN, module, x[:1], notes)
+    return ran.path, hessian_method, jacobian_method
 
 
 def probe(
@@ -228,12 +270,19 @@ def _probe(
         out: torch.Tensor = module(sample.unsqueeze(0))
         return out
 
+    def gradient(sample: torch.Tensor) -> torch.Tensor:
+        slope: torch.Tensor = grad(lambda s: one(s).sum())(sample)
+        return slope
+
     def vmapped() -> None:
+        # vmap over samples of a gradient, as the engine runs it: a plain vmap of the
+        # forward pass is stricter than that (aten::sym_size has no batching rule, while
+        # under grad it reads the size of the sample).
         with torch.no_grad():
-            batched = vmap(one)(x)
-            looped = torch.stack([one(sample) for sample in x])
+            batched = vmap(gradient)(x)
+            looped = torch.stack([gradient(sample) for sample in x])
         if not torch.allclose(batched, looped, rtol=1e-5, atol=1e-6):
-            raise ValueError("vmap gives different outputs than a loop over the samples")
+            raise ValueError("vmap gives different gradients than a loop over the samples")
 
     def forward_mode() -> None:
         jvp(one, (x[0],), (torch.ones_like(x[0]),))

@@ -7,7 +7,8 @@
 TorchScript and torch.export archives carry code and pickles: every file is checked by
 ``repository.archives.check_model_file`` first, so a pickle naming anything but tensor-rebuilding
 globals is refused before a loader touches it. A model exported with a fixed batch of one
-is wrapped so that it takes any batch (one sample at a time).
+is wrapped so that it takes any batch (one sample at a time), and a TorchScript module is
+wrapped so that the JIT never optimizes it (``UnoptimizedScript``).
 
 Defence in depth: ``torch.export.load`` reads sample inputs and pickled payloads with
 ``torch.load``, and retries with ``weights_only=False`` when the safe load fails. torch's
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.jit._fuser import optimized_execution
 
 from hessian_service.repository import zoo
 from hessian_service.repository.archives import Format, check_model_file
@@ -70,6 +72,30 @@ class OneSampleAtATime(nn.Module):
         return torch.cat([self.inner(x[i : i + 1]) for i in range(x.shape[0])])
 
 
+class UnoptimizedScript(nn.Module):
+    """Runs a TorchScript module with the JIT's graph optimizations off, on every call.
+
+    The JIT's profiling executor records a ScriptModule's first runs and then caches an
+    optimized plan (differentiable subgraphs with their own symbolic backward) that does
+    not compose with ``torch.func``: once the plan exists, the engine's ``vmap``-ed
+    derivatives fail with "accessing `data` under vmap transform is not allowed" or come
+    out wrong, depending only on how many calls came before (the load-time probe's own
+    checks were enough). ``torch.jit.optimized_execution(False)`` is thread-local, so it
+    is set here, around each call, on whichever thread runs the model: the module's
+    graph then runs op by op, as eager code does, for the engine, the probe and plain
+    forward passes alike. Graph capture (``make_fx``) traces through it unchanged.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with optimized_execution(False):
+            out: torch.Tensor = self.inner(x)
+        return out
+
+
 def _load_zoo(path: Path, architecture: str | None) -> nn.Module:
     if architecture is None:
         raise ValueError("format 'zoo' needs an 'architecture' from hessian_service.repository.zoo")
@@ -84,7 +110,7 @@ def _load_torchscript(path: Path) -> nn.Module:
     module: nn.Module = torch.jit.load(  # type: ignore[no-untyped-call]
         str(path), map_location="cpu"
     )
-    return module
+    return UnoptimizedScript(module)
 
 
 def _load_export(path: Path) -> nn.Module:

@@ -193,14 +193,22 @@ class CapabilityReport(BaseModel):
         description="any: the model takes a batch; one: exported with a fixed batch of 1, "
         "so a batch runs one sample at a time."
     )
-    vmap: bool = Field(description="torch.func.vmap works on the model.")
-    forward_mode: bool = Field(description="Forward-mode AD (torch.func.jvp) works.")
-    engine_path: Literal["structured", "generic", "autograd"] = Field(
-        description="structured: layer-wise curvature propagation; generic: vectorized "
-        "torch.func; autograd: a per-row torch.autograd loop (slow) for models that "
-        "torch.func cannot transform."
+    vmap: bool = Field(
+        description="torch.func.vmap over samples of the model's gradient works (as the "
+        "engine vectorizes)."
     )
-    hessian_method: str = Field(description="The engine method /hessian uses.")
+    forward_mode: bool = Field(description="Forward-mode AD (torch.func.jvp) works.")
+    engine_path: Literal["structured", "graph", "generic", "autograd"] = Field(
+        description="The path method auto took on the probe's trial sample. structured: "
+        "layer-wise curvature propagation; graph: node rules on the model's captured ATen "
+        "graph (any Python, TorchScript or torch.export model it can trace); generic: "
+        "vectorized torch.func; autograd: a per-row torch.autograd loop (slow) for models "
+        "the automatic path cannot transform."
+    )
+    hessian_method: str = Field(
+        description="The engine method /hessian uses: auto, or autograd when a trial of "
+        "auto failed at load."
+    )
     jacobian_method: str = Field(description="The engine method /jacobian uses.")
     curvature: Literal["affine", "piecewise_linear", "general"]
     hessian_zero: Literal["everywhere", "almost_everywhere", "no"] = Field(

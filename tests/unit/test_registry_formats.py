@@ -90,7 +90,10 @@ def test_each_format_gives_torch_func_hessians(tmp_path: Path, name: str) -> Non
     report = loaded.capabilities
     assert report is not None
     assert (report.vmap, report.forward_mode) == (True, True)
-    assert report.engine_path == "generic"
+    # Served like the module in process: method auto, and the path auto takes there.
+    assert (loaded.method("hessian"), loaded.method("jacobian")) == ("auto", "auto")
+    in_process = compute_hessian(original, torch.zeros(1, *shape).double(), output_index=0)
+    assert report.engine_path == in_process.method.path, report.notes
     assert report.curvature is Curvature.GENERAL
     assert report.batch == ("one" if how == "static" else "any")
     assert report.parameters == sum(p.numel() for p in original.parameters())
