@@ -42,7 +42,22 @@ class Settings(BaseSettings):
     memory_budget_bytes: int = Field(
         1024 * MiB, gt=0, description="Working memory one computation may plan for."
     )
-    max_samples_per_request: int = Field(256, gt=0, description="Largest batch in one request.")
+    max_samples_per_request: int = Field(
+        65536,
+        gt=0,
+        description="Largest batch in one request: a ceiling only; what a request may cost "
+        "is bounded by max_result_bytes (its result) and max_work_per_request (its compute), "
+        "so a 4096-point PINN batch is served while 4096 784-input Hessians are not.",
+    )
+    max_work_per_request: int = Field(
+        10_000_000_000,
+        gt=0,
+        description="Largest estimated compute of one request, in activation elements: "
+        "samples x passes per sample (inputs x scalars for a Hessian, min(rows, inputs) for "
+        "a Jacobian) x the elements one forward pass of one sample creates. The default "
+        "admits every request the bundled models could take at the old 256-sample limit "
+        "(digits_cnn's largest, 218 Hessians within max_result_bytes: 3.4e9).",
+    )
     max_output_indices: int = Field(64, gt=0, description="Longest output_index list.")
     torch_threads: int | None = Field(
         None, gt=0, description="torch intra-op threads; default: torch's own choice."

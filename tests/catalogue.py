@@ -116,7 +116,7 @@ _DERIVATIVE: list[tuple[str, dict[str, Any], int, str, str]] = [
     ("shape-zero-batch", {"inputs": [_tensor(shape=[0, 4], data=[])]}, 422, "inputs[0].shape", ""),
     (
         "shape-batch-too-big",
-        {"inputs": [_tensor(shape=[257, 4], data="")]},
+        {"inputs": [_tensor(shape=[65537, 4], data="")]},  # the default ceiling + 1
         422,
         "inputs[0].shape",
         "batch size",

@@ -4,10 +4,14 @@
 names into a ``PreparedRequest``, or raises a ``ServiceError`` naming the field at fault:
 the input's shape against the model's (one sample or a batch within the limit), the
 output selection against the model's outputs, the objective's parameters, what the png
-encoding can draw (one sample; one scalar of a Hessian), and the size of the result (413
-with the estimate, before anything is computed). Decoding a tensor object's data is the
-codec's job (``wire.codec``); judging it against the model is this module's, and nothing
-is checked anywhere else.
+encoding can draw (one sample; one scalar of a Hessian), and what the request would cost
+(413 with the estimate, before anything is computed or even decoded): the size of its
+result (``max_result_bytes``) and its compute (``max_work_per_request``: samples x passes
+x activation elements, ``engine.workload``). The sample count has only a high ceiling
+(``max_samples_per_request``), so that many small samples (a 4096-point PINN batch, 2x2
+Hessians) are served while a few large ones are bounded by what they cost. Decoding a
+tensor object's data is the codec's job (``wire.codec``); judging it against the model is
+this module's, and nothing is checked anywhere else.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hessian_service.engine import DerivativeKind, Objective, ObjectiveKind
+from hessian_service.engine import DerivativeKind, Objective, ObjectiveKind, workload
 from hessian_service.errors import InvalidInput, TooLarge
 from hessian_service.repository.registry import LoadedModel
 from hessian_service.serving.operations import Operation
@@ -44,6 +48,7 @@ class RequestLimits:
     max_samples: int
     max_output_indices: int
     max_result_bytes: int
+    max_work: int | None = None  # activation elements (engine.workload.work); None: no bound
 
 
 @dataclass(frozen=True)
@@ -86,13 +91,15 @@ def prepare(
             f"{outputs} outputs (or give an objective)",
             field="output_index",
         )
-    x, batched = _decode_input(request.inputs[0], manifest.input_shape, limits.max_samples)
-    _check_picture(operation, request, x.shape[0])
-    objective = engine_objective(request, outputs, x.shape[0])
+    batch, batched = _input_batch(request.inputs[0], manifest.input_shape, limits.max_samples)
+    _check_picture(operation, request, batch)
     scalars = outputs if unselected and operation.all_outputs_by_default else _count(request)
-    _check_result_size(
-        operation, request, x.shape[0], scalars, math.prod(manifest.input_shape), limits
-    )
+    n = math.prod(manifest.input_shape)
+    _check_result_size(operation, request, batch, scalars, n, limits)
+    _check_work(operation, model, batch, scalars, n, limits.max_work)
+    objective = engine_objective(request, outputs, batch)
+    x = codec.decode_tensor(request.inputs[0], "inputs[0]")
+    x = x if batched else x.unsqueeze(0)
     return PreparedRequest(
         operation=operation,
         request=request,
@@ -110,9 +117,9 @@ def _count(request: DerivativeRequest) -> int:
     return len(index) if isinstance(index, list) else 1
 
 
-def _decode_input(
-    tensor: TensorObject, sample_shape: list[int], limit: int
-) -> tuple[torch.Tensor, bool]:
+def _input_batch(tensor: TensorObject, sample_shape: list[int], limit: int) -> tuple[int, bool]:
+    """The request's sample count and whether it sent a batch, from the declared shape
+    alone (the data is decoded only once every size check has passed)."""
     shape = list(tensor.shape)
     if shape == sample_shape:
         batched = False
@@ -129,8 +136,7 @@ def _decode_input(
             f"inputs[0].shape: batch size must be between 1 and {limit}, got {shape[0]}",
             field="inputs[0].shape",
         )
-    x = codec.decode_tensor(tensor, "inputs[0]")
-    return (x if batched else x.unsqueeze(0)), batched
+    return (shape[0] if batched else 1), batched
 
 
 def _check_output_index(
@@ -195,14 +201,68 @@ def _check_result_size(
     size = batch * scalars * per_scalar * itemsize
     if size <= limits.max_result_bytes:
         return
+    field = _size_field(batch, scalars)
     raise TooLarge(
-        f"the {operation.kind} would be {format_bytes(size)} ({batch} samples x {scalars} "
-        f"scalars x {per_scalar} entries x {itemsize} bytes), over this server's limit of "
-        f"{format_bytes(limits.max_result_bytes)}; send fewer samples or output "
-        f"indices per request, or use float32; "
+        f"{field}: the {operation.kind} would be {format_bytes(size)} ({batch} "
+        f"samples x {scalars} scalars x {per_scalar} entries x {itemsize} bytes), over this "
+        f"server's limit of {format_bytes(limits.max_result_bytes)} (max_result_bytes); "
+        f"send fewer samples or output indices per request, or use float32; "
         f"{operation.smaller_alternative(batch, scalars, n, itemsize)}",
+        field=field,
         estimated_bytes=size,
         limit_bytes=limits.max_result_bytes,
+        setting="HESSIAN_MAX_RESULT_BYTES",
+    )
+
+
+def _size_field(batch: int, scalars: int) -> str:
+    """The field a size limit blames: the batch when there is one, else a list of output
+    indices, else the input (one sample of this model is already too much)."""
+    return "output_index" if batch == 1 and scalars > 1 else "inputs[0].shape"
+
+
+def _check_work(
+    operation: Operation,
+    model: LoadedModel,
+    batch: int,
+    scalars: int,
+    n: int,
+    limit: int | None,
+) -> None:
+    """413 when ``samples x passes x activation elements`` is over ``limit``; the model's
+    activation elements are measured once (one forward pass of one sample) and kept."""
+    if limit is None:
+        return
+    manifest = model.manifest
+    activations = workload.activation_elements(
+        model.module, tuple(manifest.input_shape), PRECISIONS[manifest.dtype], model.device
+    )
+    if activations is None:
+        return
+    kind = operation.kind
+    estimate = workload.work(
+        kind, samples=batch, inputs=n, scalars=scalars, activations=activations
+    )
+    if estimate <= limit:
+        return
+    passes = workload.passes_per_sample(kind, inputs=n, scalars=scalars)
+    fitting = limit // (passes * activations)
+    advice = (
+        f"send at most {fitting} samples of {manifest.name!r} per request"
+        if fitting >= 1
+        else "even one sample is over it"
+    )
+    field = _size_field(batch, scalars)
+    raise TooLarge(
+        f"{field}: this {kind} request is estimated at {estimate:.3g} activation elements "
+        f"of work ({batch} samples x {passes} passes per sample x {activations} activation "
+        f"elements per pass), over this server's limit of {limit:.3g} "
+        f"(max_work_per_request); {advice}"
+        + (", or ask for fewer output indices" if scalars > 1 else ""),
+        field=field,
+        estimated_work=estimate,
+        limit_work=limit,
+        setting="HESSIAN_MAX_WORK_PER_REQUEST",
     )
 
 

@@ -64,6 +64,7 @@ class DerivativeService:
             max_samples=settings.max_samples_per_request,
             max_output_indices=settings.max_output_indices,
             max_result_bytes=settings.max_result_bytes,
+            max_work=settings.max_work_per_request,
         )
         self.metrics = metrics
         self.batcher: Batcher[PreparedRequest, tuple[DerivativeResult, float]] = Batcher(

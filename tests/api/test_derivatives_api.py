@@ -176,7 +176,9 @@ GOOD = {"model": "digits_cnn", "inputs": [tensor([1, 28, 28], [0.0] * 784)], "ou
         ({"layout": "sideways"}, 422, "layout"),
         ({"precision": "float16"}, 422, "precision"),
         ({"surprise": 1}, 422, "surprise"),
-        ({"inputs": [tensor([300, 1, 28, 28], "")]}, 422, "batch size must be between 1 and 256"),
+        ({"inputs": [tensor([65537, 1, 28, 28], "")]}, 422, "between 1 and 65536, got 65537"),
+        # 300 Hessians of 784 inputs: 738 MB, over the 512 MiB result limit, before decoding
+        ({"inputs": [tensor([300, 1, 28, 28], "")]}, 413, "inputs[0].shape: the hessian would"),
     ],
 )
 def test_bad_input_is_a_4xx_problem_naming_the_field(
