@@ -34,6 +34,9 @@ from hessian_service.engine import Objective, ObjectiveKind
 REFERENCE_SAMPLES = 4
 OURS = "ours"
 TORCH_COMPILE = "torch.compile"
+# --quick compiles with torch.compile only on these families' rows (where issue 19 names it
+# as the peer to beat); a compile takes 10-80 s on the 2-core machine.
+QUICK_COMPILE = ("residual", "layernorm")
 
 
 @dataclass
@@ -44,6 +47,7 @@ class RowResult:
     method: str = "failed"
     measured: dict[str, Measured] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
     compile_s: dict[str, float] = field(default_factory=dict)
     jax_port_error: float | None = None
     seconds: float = 0.0
@@ -99,14 +103,19 @@ def run_row(row: BenchRow, *, quick: bool, with_jax: bool) -> RowResult:
         methods[OURS], result.method = ours(model, row, x)
     except Exception as error:
         result.failed[OURS] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-    methods.update(torch_peers.methods(model, row, x))
-    compiled = torch_peers.compiled_transform(model, row, x)
-    name = f"{TORCH_COMPILE}({torch_peers.func_name(row, transform_name(row))})"
-    result.compile_s[name] = compiled.compile_s
-    if compiled.method is None:
-        result.failed[name] = compiled.error or "failed"
+    methods.update(torch_peers.methods(model, row, x, row_loop=not quick))
+    if quick:
+        result.skipped[torch_peers.ROW_LOOP] = "--quick (never the best peer)"
+    if quick and row.family not in QUICK_COMPILE:
+        name = f"{TORCH_COMPILE}({torch_peers.func_name(row, transform_name(row))})"
+        result.skipped[name] = f"--quick (compiled on the {', '.join(QUICK_COMPILE)} rows only)"
     else:
-        methods[name] = compiled.method
+        for compiled in torch_peers.compiled_transforms(model, row, x):
+            result.compile_s[compiled.name] = compiled.compile_s
+            if compiled.method is None:
+                result.failed[compiled.name] = compiled.error or "failed"
+            else:
+                methods[compiled.name] = compiled.method
     if with_jax:
         try:
             peers, result.jax_port_error = jax_peers.peers(row, model, x)
@@ -142,6 +151,8 @@ def ratios(result: RowResult) -> dict[str, Any]:
     out: dict[str, Any] = {prefix + "method": result.method}
     for name, message in result.failed.items():
         out[prefix + f"{name} failed"] = message
+    for name, reason in result.skipped.items():
+        out[prefix + f"{name} skipped"] = reason
     for name, seconds in result.compile_s.items():
         if name not in result.failed:
             out[prefix + f"{name} compile_s"] = round(seconds, 2)
@@ -208,6 +219,8 @@ def table(results: list[RowResult]) -> str:
             )
         for name, message in result.failed.items():
             lines.append(f"| {key} | {name} | failed: {message} | | | | |")
+        for name, reason in result.skipped.items():
+            lines.append(f"| {key} | {name} | skipped: {reason} | | | | |")
     return "\n".join(lines)
 
 

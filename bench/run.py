@@ -372,7 +372,10 @@ def main(argv: list[str] | None = None) -> None:
     timing.set_device(DEVICE)
     chosen = tuple(part for part in parts(args) if not (args.skip_http and part == "http"))
     started = time.perf_counter()
-    ratios: dict[str, Any] = {"load_average_1min_start": round(os.getloadavg()[0], 2)}
+    ratios: dict[str, Any] = {
+        "load_average_1min_start": round(os.getloadavg()[0], 2),
+        "cpu_busy_fraction_start": round(timing.cpu_busy_fraction(), 2),
+    }
     # Threads and CPU affinity before the server starts (it inherits them); on CUDA the
     # host keeps its CPUs.
     jax_setup = jax_peers.setup(args.threads) if DEVICE.type == "cpu" else None
@@ -382,9 +385,16 @@ def main(argv: list[str] | None = None) -> None:
         f"{os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')} MALLOC_TRIM_THRESHOLD_="
         f"{os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}; "
         f"{jax_setup.note if jax_setup else 'no JAX peers on ' + str(DEVICE)}; "
-        f"load average {ratios['load_average_1min_start']}; parts {', '.join(chosen)}",
+        f"load average {ratios['load_average_1min_start']}, CPUs busy "
+        f"{ratios['cpu_busy_fraction_start']:.0%} before the start; parts {', '.join(chosen)}",
         flush=True,
     )
+    if ratios["cpu_busy_fraction_start"] > 0.1:
+        print(
+            "# WARNING: other processes are using the CPUs; torch's 2-thread timings "
+            "(ours included) suffer several-fold more than JAX's under such load",
+            flush=True,
+        )
     # The server runs first: the allocator settings keep the pages the big baselines
     # below touch, and a server started after them can find the machine's memory gone.
     if "http" in chosen:
@@ -415,6 +425,7 @@ def main(argv: list[str] | None = None) -> None:
         print(table(jacobians, "ms_per_jacobian"))
     print()
     ratios["load_average_1min_end"] = round(os.getloadavg()[0], 2)
+    ratios["cpu_busy_fraction_end"] = round(timing.cpu_busy_fraction(), 2)
     ratios["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(ratios, sort_keys=True))
 

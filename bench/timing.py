@@ -38,6 +38,25 @@ def sync() -> None:
         torch.cuda.synchronize(_DEVICE)
 
 
+def cpu_busy_fraction(seconds: float = 1.0) -> float:
+    """The share of the machine's CPU time spent by anything (this process included) over
+    ``seconds``, from /proc/stat: near 0 on a quiet machine. Two threads of torch's
+    OpenMP pool slow down several-fold when other processes hold the cores (its barriers
+    spin), where XLA's pool slows down about in proportion, so figures taken on a busy
+    machine are not fair to the torch methods; the JSON line reports this next to them."""
+
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    busy_0, total_0 = ticks()
+    time.sleep(seconds)
+    busy_1, total_1 = ticks()
+    return (busy_1 - busy_0) / max(total_1 - total_0, 1)
+
+
 def as_torch(result: object) -> torch.Tensor:
     """A method's result as a CPU torch tensor (JAX arrays through numpy), for its error."""
     if isinstance(result, torch.Tensor):

@@ -86,11 +86,16 @@ def func_name(row: BenchRow, name: str) -> str:
     return f"vmap({name})" if row.batch > 1 else name
 
 
-def func_transform(model: nn.Module, row: BenchRow) -> Callable[[torch.Tensor], torch.Tensor]:
+def func_transform(
+    model: nn.Module, row: BenchRow, *, reverse_over_reverse: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``torch.func.hessian`` (or ``jacrev``) of the row's function, vmapped over a batch;
-    it takes the whole batch ``x`` either way."""
+    it takes the whole batch ``x`` either way. ``reverse_over_reverse``: ``jacrev(jacrev)``
+    in place of ``hessian`` (``jacfwd(jacrev)``)."""
     if row.kind == "jacobian":
         per_sample = jacrev(outputs_fn(model))
+    elif reverse_over_reverse:
+        per_sample = jacrev(jacrev(scalar_fn(model, row)))
     else:
         per_sample = hessian(scalar_fn(model, row))
     if row.batch > 1:
@@ -100,45 +105,77 @@ def func_transform(model: nn.Module, row: BenchRow) -> Callable[[torch.Tensor], 
 
 @dataclass
 class Compiled:
-    """``torch.compile`` of the row's torch.func transform, compiled by its first call."""
+    """One ``torch.compile`` of a torch.func transform, compiled by its first call."""
 
+    name: str
     method: Method | None
     compile_s: float
     error: str | None
 
 
-def compiled_transform(model: nn.Module, row: BenchRow, x: torch.Tensor) -> Compiled:
-    """``torch.compile(torch.func.hessian)`` (or ``jacrev``, vmapped for a batch), compiled
-    by one call here so that its compile time is reported apart from its run time. A
-    failure to compile is returned, not raised: the row says so.
+# Failed compiles' exceptions, kept for the life of the process. Collecting the frames of a
+# failed dynamo trace corrupts torch's state (torch 2.13: after a failed compile of
+# torch.func.hessian through LayerNorm, the next gc.collect() makes every later torch.func
+# call through BatchNorm fail an "InferenceMode::is_enabled()" internal assert).
+_FAILED_COMPILES: list[BaseException] = []
 
-    Dynamo's caches are reset first: every row compiles the same Python function objects
-    (the lambdas above), and past its recompile limit dynamo would silently run them
-    eagerly."""
+
+def _compile(
+    name: str, transform: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> Compiled:
     torch._dynamo.reset()
-    transform = torch.compile(func_transform(model, row))
+    compiled = torch.compile(transform)
     start = time.perf_counter()
     try:
         with sdpa_kernel(SDPBackend.MATH):
-            transform(x)
+            compiled(x)
     except Exception as error:
+        _FAILED_COMPILES.append(error)
         message = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-        return Compiled(None, time.perf_counter() - start, message)
-    return Compiled(_math_sdpa(lambda: transform(x)), time.perf_counter() - start, None)
+        return Compiled(name, None, time.perf_counter() - start, message)
+    return Compiled(name, _math_sdpa(lambda: compiled(x)), time.perf_counter() - start, None)
 
 
-def methods(model: nn.Module, row: BenchRow, x: torch.Tensor) -> dict[str, Method]:
-    """The eager torch peers of a row, by the names the JSON line uses."""
+def compiled_transforms(model: nn.Module, row: BenchRow, x: torch.Tensor) -> list[Compiled]:
+    """``torch.compile(torch.func.hessian)`` (or ``jacrev``, vmapped for a batch), compiled
+    by one call here so that its compile time is reported apart from its run time; where
+    that fails to compile, ``torch.compile`` of ``jacrev(jacrev)`` as well, so that the row
+    still has a compiled torch peer. Failures are returned, not raised: the row says so.
+
+    Dynamo's caches are reset before each: every row compiles the same Python function
+    objects (the lambdas above), and past its recompile limit dynamo would silently run
+    them eagerly."""
+    base = "torch.func.jacrev" if row.kind == "jacobian" else "torch.func.hessian"
+    first = _compile(f"torch.compile({func_name(row, base)})", func_transform(model, row), x)
+    if first.method is not None or row.kind == "jacobian":
+        return [first]
+    fallback = _compile(
+        f"torch.compile({func_name(row, 'torch.func.jacrev(jacrev)')})",
+        func_transform(model, row, reverse_over_reverse=True),
+        x,
+    )
+    return [first, fallback]
+
+
+ROW_LOOP = "row loop"
+
+
+def methods(
+    model: nn.Module, row: BenchRow, x: torch.Tensor, *, row_loop: bool = True
+) -> dict[str, Method]:
+    """The eager torch peers of a row, by the names the JSON line uses (the row loop
+    left out when ``row_loop`` is false)."""
     transform = func_transform(model, row)
     if row.kind == "jacobian":
-        return {
-            func_name(row, "torch.func.jacrev"): _math_sdpa(lambda: transform(x)),
-            "row loop": _math_sdpa(lambda: row_loop_jacobian(model, x)),
-        }
-    return {
-        func_name(row, "torch.func.hessian"): _math_sdpa(lambda: transform(x)),
-        "row loop": _math_sdpa(lambda: row_loop_hessian(model, row, x)),
-    }
+        name = func_name(row, "torch.func.jacrev")
+        loop: Method = _math_sdpa(lambda: row_loop_jacobian(model, x))
+    else:
+        name = func_name(row, "torch.func.hessian")
+        loop = _math_sdpa(lambda: row_loop_hessian(model, row, x))
+    chosen = {name: _math_sdpa(lambda: transform(x))}
+    if row_loop:
+        chosen[ROW_LOOP] = loop
+    return chosen
 
 
 def reference(model: nn.Module, row: BenchRow, x: torch.Tensor, samples: int) -> torch.Tensor:
