@@ -6,6 +6,7 @@ from hessian_service.engine.api import (
     DerivativeResult,
     compute_hessian,
     compute_jacobian,
+    graph_report,
     hessian,
     jacobian,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "classify_ops",
     "compute_hessian",
     "compute_jacobian",
+    "graph_report",
     "hessian",
     "jacobian",
 ]

@@ -25,6 +25,7 @@ from hessian_service.engine.graph import cache as graph_cache
 from hessian_service.engine.graph import direct as graph_direct
 from hessian_service.engine.graph import hessian as graph_hessian
 from hessian_service.engine.graph.plan import GraphPlan
+from hessian_service.engine.graph.report import report as graph_report_of
 from hessian_service.engine.methods import Algorithm, EnginePath
 from hessian_service.engine.objectives import Objective
 from hessian_service.engine.planner import (
@@ -253,6 +254,19 @@ def graph_plan_for(
     )
 
 
+def graph_report(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    output_index: OutputIndex = None,
+    objective: Objective | None = None,
+) -> dict[str, object]:
+    """The graph engine's report for Hessians of ``model`` at inputs shaped like ``x``:
+    nodes per rule, the cut, the executor, or the node that sends it elsewhere."""
+    found = graph_plan_for(model, x, output_index=output_index, objective=objective)
+    return graph_report_of(found).as_dict()
+
+
 def _graph_hessian(
     model: nn.Module,
     x: torch.Tensor,
@@ -474,15 +488,37 @@ def compute_hessian(
     )
     scalars = _scalars_fn(model, selection)
     if path is EnginePath.AUTOGRAD:
-        matrix = rowloop.hessian(scalars, x, targets)
-        return _result(matrix, output, replace(plan, method=Algorithm.ROW_LOOP), selection)
+        return _row_loop_hessian(scalars, x, targets, output, plan, selection)
     with torch.no_grad():
         try:
             matrix = _generic_hessian(scalars, x, targets, plan)
         except NotImplementedError:  # an operator without forward-mode AD of its backward
             plan = replace(plan, method=Algorithm.REVERSE_OVER_REVERSE)
-            matrix = _generic_hessian(scalars, x, targets, plan)
+            try:
+                matrix = _generic_hessian(scalars, x, targets, plan)
+            except RuntimeError:
+                if path is EnginePath.GENERIC:
+                    raise
+                return _row_loop_hessian(scalars, x, targets, output, plan, selection)
+        except RuntimeError:  # vmap cannot run it (data-dependent control flow, .item())
+            if path is EnginePath.GENERIC:
+                raise
+            return _row_loop_hessian(scalars, x, targets, output, plan, selection)
     return _result(matrix, output, plan, selection)
+
+
+def _row_loop_hessian(
+    scalars: generic.ScalarsFn,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    output: torch.Tensor,
+    plan: Plan,
+    selection: _Selection,
+) -> DerivativeResult:
+    """The end of the fallback chain: one autograd call per row runs any model that
+    runs forward, Python control flow on values included."""
+    matrix = rowloop.hessian(scalars, x, targets)
+    return _result(matrix, output, replace(plan, method=Algorithm.ROW_LOOP), selection)
 
 
 @_serialized
