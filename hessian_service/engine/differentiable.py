@@ -33,19 +33,33 @@ equations written without in-place updates). While a ``TorchFunctionMode`` is ac
 paths (``torch._transformer_encoder_layer_fwd``, ``torch._native_multi_head_attention``),
 which have no derivatives either. The attention kernel choice is process-wide torch
 state; the engine's callers hold ``AUTODIFF_LOCK`` around it.
+
+A TorchScript graph calls its ops from C++, past any ``TorchFunctionMode``: a scripted
+GRU still fails under ``vmap``, and a module traced under ``torch.no_grad()`` has the
+fused attention ops in its graph. ``run_differentiable`` therefore retries a failed
+computation once in ``decomposed_mode``: ``derivative_mode`` plus torch's Python
+dispatcher, under which composite ops run as their Python decompositions (torch's own
+for the recurrent ops, ``fused_attention``'s for the fused attention kernels). Only the
+retry pays for the Python dispatcher (every op consults it: measured 1.4x on the
+generic Hessian of ``mlp_tanh``).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch._decomp import decompositions as torch_decompositions
+from torch._dispatch.python import enable_python_dispatcher
 from torch.jit._fuser import optimized_execution
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
+
+from hessian_service.engine import fused_attention  # noqa: F401  (registers its forms)
+
+_T = TypeVar("_T")
 
 # torch's own (untyped) helpers of its recurrent decompositions.
 _gather_params: Callable[..., Any] = torch_decompositions.gather_params
@@ -150,3 +164,27 @@ def derivative_mode() -> Iterator[None]:
         _FunctionalRecurrence(),
     ):
         yield
+
+
+@contextlib.contextmanager
+def decomposed_mode() -> Iterator[None]:
+    """``derivative_mode`` and the Python dispatcher: composite and fused ops run as
+    their Python decompositions, inside TorchScript graphs too (see the module
+    docstring; ``fused_attention.FORMS`` are the fused attention ops' forms)."""
+    with derivative_mode(), enable_python_dispatcher():
+        yield
+
+
+def run_differentiable(compute: Callable[[], _T]) -> _T:
+    """``compute()`` in ``derivative_mode``; if it raises a ``RuntimeError`` (which
+    includes ``NotImplementedError``), once more in ``decomposed_mode``. When the retry
+    fails too, its error is raised, chained to the first."""
+    try:
+        with derivative_mode():
+            return compute()
+    except RuntimeError as first:
+        try:
+            with decomposed_mode():
+                return compute()
+        except RuntimeError as second:
+            raise second from first

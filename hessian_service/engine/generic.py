@@ -8,8 +8,10 @@ sizes come from a ``Plan`` and bound the memory in use; they never change the re
 Every transform runs in ``differentiable.derivative_mode``: grad mode on even under a
 caller's ``torch.no_grad()`` (SiLU's and Mish's backward then have forward-mode rules,
 so their Hessians are forward-over-reverse), the math attention kernel, functional
-recurrent layers and unoptimized TorchScript, so GRU, LSTM and attention models work.
-Results are detached.
+recurrent layers and unoptimized TorchScript, so GRU, LSTM and attention models work;
+what still fails (a TorchScript graph's own GRU or fused attention op) is retried once
+with torch's Python decompositions (``differentiable.run_differentiable``). Results are
+detached.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
 
-from hessian_service.engine.differentiable import derivative_mode
+from hessian_service.engine.differentiable import run_differentiable
 from hessian_service.engine.methods import Algorithm
 from hessian_service.engine.planner import Plan
 
@@ -69,9 +71,8 @@ def hessian(scalars: ScalarsFn, x: torch.Tensor, targets: torch.Tensor, plan: Pl
         hessian_columns: torch.Tensor = columns.permute(1, 2, 0)
         return hessian_columns
 
-    with derivative_mode():
-        matrices: torch.Tensor = vmap(per_sample)(x, targets)  # callers chunk the samples
-    return matrices.detach()
+    matrices: torch.Tensor = run_differentiable(lambda: vmap(per_sample)(x, targets))
+    return matrices.detach()  # callers chunk the samples (plan.batch_chunk)
 
 
 def jacobian(
@@ -104,8 +105,9 @@ def jacobian(
         columns: torch.Tensor = vmap(column, chunk_size=plan.basis_chunk_or_all)(_basis(n, flat))
         return columns.transpose(0, 1), flat_scalars(flat)[1]
 
-    with derivative_mode():
-        matrix, output = vmap(per_sample, chunk_size=plan.batch_chunk_or_all)(x, targets)
+    matrix, output = run_differentiable(
+        lambda: vmap(per_sample, chunk_size=plan.batch_chunk_or_all)(x, targets)
+    )
     return matrix.detach(), output.detach()
 
 
@@ -126,6 +128,7 @@ def jacobian_of_outputs(
         (rows,) = vmap(pullback, chunk_size=plan.basis_chunk_or_all)(cotangents)
         return rows, output
 
-    with derivative_mode():
-        rows, output = vmap(per_sample, chunk_size=plan.batch_chunk_or_all)(x)
+    rows, output = run_differentiable(
+        lambda: vmap(per_sample, chunk_size=plan.batch_chunk_or_all)(x)
+    )
     return rows.detach(), output.detach()

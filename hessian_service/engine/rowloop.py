@@ -8,14 +8,16 @@ exists to avoid) and used only when the model's capability probe found that the
 vectorized paths do not work. Unused inputs give exact zeros, never an error. It runs in
 ``differentiable.derivative_mode`` (the math attention kernel, whose backward has a
 derivative of its own; unoptimized TorchScript), so that a second ``autograd.grad``
-works for attention too.
+works for attention too, and what still fails (a TorchScript graph traced with the fused
+attention ops) is retried with torch's Python decompositions
+(``differentiable.run_differentiable``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from hessian_service.engine.differentiable import derivative_mode
+from hessian_service.engine.differentiable import run_differentiable
 from hessian_service.engine.generic import ScalarsFn, ScalarsWithOutputFn
 
 
@@ -31,8 +33,9 @@ def _grad(output: torch.Tensor, wrt: torch.Tensor, *, create_graph: bool) -> tor
 def hessian(scalars: ScalarsFn, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Hessians ``[B, k, n, n]`` of the ``k`` scalars of each sample of ``x`` (``[B, *S]``)."""
     sample_shape = x.shape[1:]
-    per_sample = []
-    with derivative_mode():
+
+    def compute() -> torch.Tensor:
+        per_sample = []
         for sample, target in zip(x, targets, strict=True):
             flat = sample.reshape(-1).detach().requires_grad_(True)
             values = scalars(flat.reshape(sample_shape), target)
@@ -42,7 +45,9 @@ def hessian(scalars: ScalarsFn, x: torch.Tensor, targets: torch.Tensor) -> torch
                 rows = [_grad(entry, flat, create_graph=False) for entry in gradient]
                 matrices.append(torch.stack(rows))
             per_sample.append(torch.stack(matrices))
-    return torch.stack(per_sample).detach()
+        return torch.stack(per_sample)
+
+    return run_differentiable(compute).detach()
 
 
 def jacobian(
@@ -50,11 +55,15 @@ def jacobian(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Jacobians ``[B, k, n]`` of the ``k`` scalars of each sample, and the flat outputs."""
     sample_shape = x.shape[1:]
-    matrices, outputs = [], []
-    with derivative_mode():
+
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        matrices, outputs = [], []
         for sample, target in zip(x, targets, strict=True):
             flat = sample.reshape(-1).detach().requires_grad_(True)
             values, output = scalars(flat.reshape(sample_shape), target)
             matrices.append(torch.stack([_grad(v, flat, create_graph=False) for v in values]))
             outputs.append(output.detach())
-    return torch.stack(matrices).detach(), torch.stack(outputs)
+        return torch.stack(matrices), torch.stack(outputs)
+
+    matrices, outputs = run_differentiable(compute)
+    return matrices.detach(), outputs

@@ -27,6 +27,8 @@ from hessian_service.engine import Algorithm, generic, rowloop
 from hessian_service.engine.planner import plan_hessian
 from tests.cases import reference_hessian, scalar_of
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script/trace
+
 EXACT = 1e-10
 FINITE_DIFFERENCES = 1e-6
 FLOAT32 = 1e-4
@@ -260,6 +262,41 @@ def test_generic_hessians_of_a_never_run_torchscript_module_are_exact() -> None:
     for _ in range(3):  # the JIT profiles the first run and optimizes on the second
         assert _relative(generic.hessian(scalars, x, targets, plan)[:, 0], reference) <= EXACT
         assert _relative(rowloop.hessian(scalars, x, targets)[:, 0], reference) <= EXACT
+
+
+def _torchscript_case(name: str) -> tuple[torch.jit.ScriptModule, nn.Module, torch.Tensor]:
+    """A scripted recurrent model (its graph calls aten::gru / aten::lstm from C++, past
+    the TorchFunctionMode), or an encoder layer traced under ``torch.no_grad()`` (its
+    graph holds the fused ``aten::_transformer_encoder_layer_fwd``)."""
+    if name != "encoder_traced":
+        model, x = _build(name, batch=2)
+        return torch.jit.script(model), model, x
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=8, dropout=0.0, batch_first=True)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(24, 1)).double().eval()
+    model.requires_grad_(False)
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x[:1])
+    assert "aten::_transformer_encoder_layer_fwd" in str(traced.inlined_graph)
+    return traced, model, x
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm", "encoder_traced"])
+def test_torchscript_graphs_the_function_mode_cannot_reach_are_retried_decomposed(
+    name: str,
+) -> None:
+    scripted, model, x = _torchscript_case(name)
+    n = x[0].numel()
+    plan = plan_hessian(n=n, batch=2, activation_numel=256, itemsize=8)
+    targets = torch.zeros(2, dtype=torch.float64)
+
+    def scalars(sample: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(scripted(sample.unsqueeze(0)).reshape(-1)[:1])
+
+    reference = _reference_hessians(model, x, 0)
+    assert _relative(generic.hessian(scalars, x, targets, plan)[:, 0], reference) <= EXACT
+    assert _relative(rowloop.hessian(scalars, x, targets)[:, 0], reference) <= EXACT
 
 
 @pytest.mark.xfail(
