@@ -56,7 +56,7 @@ class Settings(BaseSettings):
         "samples x passes per sample (inputs x scalars for a Hessian, min(rows, inputs) for "
         "a Jacobian) x the elements one forward pass of one sample creates. The default "
         "admits every request the bundled models could take at the old 256-sample limit "
-        "(digits_cnn's largest, 218 Hessians within max_result_bytes: 3.4e9).",
+        "(digits_cnn's largest, 218 Hessians within max_result_bytes: 3.2e9).",
     )
     max_output_indices: int = Field(64, gt=0, description="Longest output_index list.")
     torch_threads: int | None = Field(

@@ -40,8 +40,9 @@ fused attention ops in its graph. ``run_differentiable`` therefore retries a fai
 computation once in ``decomposed_mode``: ``derivative_mode`` plus torch's Python
 dispatcher, under which composite ops run as their Python decompositions (torch's own
 for the recurrent ops, ``fused_attention``'s for the fused attention kernels). Only the
-retry pays for the Python dispatcher (every op consults it: measured 1.4x on the
-generic Hessian of ``mlp_tanh``).
+retry pays for the Python dispatcher (every op consults it: 1.5x the CPU time of
+``mlp_tanh``'s generic Hessian, 2.5x on 256 PINN points; the ``TorchFunctionMode``
+costs 3-8%; ``bench/generic_modes.py``, figures in ``docs/engine.md``).
 """
 
 from __future__ import annotations
