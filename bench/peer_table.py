@@ -128,7 +128,7 @@ def run_row(row: BenchRow, *, quick: bool, with_jax: bool) -> RowResult:
                 result.failed[peer.name] = peer.error or "failed"
             else:
                 methods[peer.name] = peer.method
-    repeats, budget = (5, 1.0) if quick else (9, 2.5)
+    repeats, budget = (5, 1.0) if quick else (7, 2.0)
     result.measured = measure_all(
         methods, reference, repeats=repeats, budget_s=budget, failed=result.failed
     )
@@ -180,8 +180,17 @@ def peer_rows(
 ) -> tuple[list[RowResult], dict[str, Any]]:
     """Run every row; the results and the JSON entries (with the thread settings)."""
     jax_setup = jax_peers.setup(threads)
-    print(f"# peers: torch {torch.get_num_threads()} threads; {jax_setup.note}", flush=True)
-    json: dict[str, Any] = {"peers/threads": threads, "peers/jax": jax_setup.note}
+    cache = torch_peers.inductor_cache()
+    print(
+        f"# peers: torch {torch.get_num_threads()} threads; {jax_setup.note}; "
+        f"torch.compile cache {cache}",
+        flush=True,
+    )
+    json: dict[str, Any] = {
+        "peers/threads": threads,
+        "peers/jax": jax_setup.note,
+        "peers/torch.compile cache": cache,
+    }
     results = []
     for row in rows:
         result = run_row(row, quick=quick, with_jax=jax_setup.available)

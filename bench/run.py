@@ -169,7 +169,7 @@ def hessian_case(
     quick: bool,
     peak: float,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    repeats, budget = (3, 2.0) if quick else (9, 3.0)
+    repeats, budget = (3, 2.0) if quick else (7, 2.0)
     model = copy.deepcopy(base).to(dtype=dtype, device=DEVICE)
     reference_model = copy.deepcopy(base).double()
     torch.manual_seed(1)
@@ -209,7 +209,7 @@ MATMUL_OPS = ("mm", "bmm", "addmm", "baddbmm")
 
 
 def matmuls_fraction_of_peak(
-    fn: Callable[[], object], dtype: torch.dtype, rounds: int = 9
+    fn: Callable[[], object], dtype: torch.dtype, rounds: int = 5
 ) -> tuple[float, float] | None:
     """GFLOP/s inside the call's matrix products alone, and that as a fraction of the
     matmul peak: their flops (FlopCounterMode) over the time the profiler records in
