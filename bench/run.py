@@ -42,7 +42,7 @@ from torch.func import hessian as func_hessian
 from torch.func import jacrev, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import families, jax_peers, peer_table, timing
+from bench import families, jax_peers, peer_table, targets, timing
 from bench.models import bundled
 from bench.timing import Measured, measure_all, median_ms
 from hessian_service import engine
@@ -404,6 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         selected = families.rows(quick=args.quick, only=tuple(args.rows))
         peers, peer_ratios = peer_table.peer_rows(selected, quick=args.quick, threads=args.threads)
         ratios.update(peer_ratios)
+        ratios.update(targets.summary(targets.check(peers)))
     hessians: list[dict[str, Any]] = []
     if "engine" in chosen:
         hessians, hessian_ratios = hessian_rows(args.quick)
@@ -417,6 +418,8 @@ def main(argv: list[str] | None = None) -> None:
         print(peer_table.summary(peers))
         print()
         print(peer_table.table(peers))
+        print("\n## Issue 19's speed targets (ratio = peer time / ours)\n")
+        print(targets.table(targets.check(peers)))
     if hessians:
         print("\n## Hessians (time per Hessian, ratio = method time / ours)\n")
         print(table(hessians, "ms_per_hessian"))
