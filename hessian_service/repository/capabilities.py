@@ -70,10 +70,6 @@ RANDOM_MODULES: tuple[type[nn.Module], ...] = (
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
 )
-# torch's inference fast path for attention: fused kernels without derivatives. Eager
-# modules and torch.export leave it when differentiating; a TorchScript trace made in eval
-# mode records them in its graph, and then no path can differentiate the model.
-FAST_PATH_OPS = frozenset({"_native_multi_head_attention", "_transformer_encoder_layer_fwd"})
 _ATEN_IN_TEXT = re.compile(r"aten::(\w+)")
 # Above this many Hessian entries (n x n for one sample, 256 MB in float32) the probe does
 # not compute a trial Hessian.
@@ -186,25 +182,9 @@ def _method_for(
         result = compute(module, x1, output_index=0, method=EnginePath.AUTO)
     except Exception as error:  # the automatic path cannot run it: the row loop will
         notes.append(f"{kind} by the automatic path: {_first_line(error)}; using the row loop")
-        try:
-            result = compute(module, x1, output_index=0, method=EnginePath.AUTOGRAD)
-        except Exception as last:
-            _explain_fast_path(module, last)
-            raise
+        result = compute(module, x1, output_index=0, method=EnginePath.AUTOGRAD)
         return EnginePath.AUTOGRAD, result.method
     return EnginePath.AUTO, result.method
-
-
-def _explain_fast_path(module: nn.Module, error: Exception) -> None:
-    """Raise ``error`` again with the way out when the graph holds a fused fast-path op."""
-    fused = sorted((graph_ops(module) or set()) & FAST_PATH_OPS)
-    if fused:
-        ops = ", ".join(f"aten::{op}" for op in fused)
-        raise ValueError(
-            f"{_first_line(error)}: the model's graph holds {ops}, torch's attention "
-            "inference fast path, which has no derivatives; trace it after "
-            "torch.backends.mha.set_fastpath_enabled(False), or use torch.export"
-        ) from error
 
 
 def _choose_methods(
