@@ -93,8 +93,12 @@ def torchscript_bytes(module: nn.Module, *, trace_input: torch.Tensor | None = N
 
 
 def export_bytes(module: nn.Module, example: torch.Tensor, *, dynamic_batch: bool) -> bytes:
-    """A ``torch.export.save`` archive; with ``dynamic_batch`` the batch size may vary."""
-    shapes = {"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None
+    """A ``torch.export.save`` archive; with ``dynamic_batch`` the batch size may vary
+    (``example`` then needs two samples or more: export specializes a size of one).
+
+    The dynamic shapes are given by position, not by ``forward``'s argument name, so this
+    works for any one-input module (``nn.Sequential`` names its argument ``input``)."""
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     program = torch.export.export(module, (example,), dynamic_shapes=shapes)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)

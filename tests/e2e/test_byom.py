@@ -23,6 +23,7 @@ from safetensors.torch import save
 from torch import nn
 
 from hessian_service.config import BUNDLED_MODELS_DIR
+from hessian_service.engine import Algorithm, compute_hessian
 from tests.byom import (
     Branchy,
     Float32Only,
@@ -106,6 +107,11 @@ def local_hessians(module: nn.Module, x: torch.Tensor, index: int) -> np.ndarray
     )
 
 
+def in_process_method(module: nn.Module, x: torch.Tensor, index: int) -> Algorithm:
+    """What ``engine.compute_hessian`` runs for the original module in process."""
+    return compute_hessian(module, x, output_index=index).method
+
+
 def assert_matches(ours: np.ndarray, reference: np.ndarray) -> None:
     """1e-6 relative (float32): in norm, and entry by entry against the largest entry."""
     assert ours.shape == reference.shape
@@ -150,15 +156,17 @@ def test_uploaded_models_give_torch_func_hessians(admin: httpx.Client, name: str
     info = response.json()
     report = info["capabilities"]
     assert (info["format"], info["source"], info["latest"]) == (fmt, "upload", True)
-    assert report["engine_path"] == "generic"
     assert report["vmap"] is True
     assert report["batch"] == ("one" if name.endswith("batch1") else "any")
     assert report["parameters"] == sum(p.numel() for p in original.parameters())
     x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(7))
+    # Served with method auto, on the path the original module takes in process.
+    assert report["hessian_method"] == "auto", report["notes"]
+    assert report["engine_path"] == in_process_method(original, x, 0).path, report["notes"]
     for index in (0, 2):
         ours, body = hessian_over_http(admin, name, x, index)
         assert body["model_version"] == "1"
-        assert body["metadata"]["method"] == "generic:forward-over-reverse"
+        assert body["metadata"]["method"] == in_process_method(original, x, index)
         assert_matches(ours, local_hessians(original, x, index))
     assert admin.delete(f"/models/{name}", headers=AUTH).status_code == 200
 
@@ -377,8 +385,8 @@ def test_register_query_delete_under_concurrent_traffic(admin: httpx.Client) -> 
         manifest = {"name": "live", "version": "1", "format": "torchscript", "input_shape": [6]}
         assert register(admin, manifest, torchscript_bytes(original)).status_code == 201
         report = admin.get("/models/live").json()["capabilities"]
-        assert report["engine_path"] == "generic", report["notes"]
         x = torch.randn(2, 6, generator=torch.Generator().manual_seed(9))
+        assert report["engine_path"] == in_process_method(original, x, 0).path, report["notes"]
         ours, _ = hessian_over_http(admin, "live", x, 0)
         assert_matches(ours, local_hessians(original, x, 0))
         assert admin.delete("/models/live", headers=AUTH).status_code == 200
@@ -430,7 +438,8 @@ def test_uploads_persist_across_restarts(
         httpx.Client(base_url=url, timeout=120.0, trust_env=False) as restarted,
     ):
         info = restarted.get("/models/kept@3").json()
-        assert (info["source"], info["capabilities"]["engine_path"]) == ("upload", "generic")
+        path = in_process_method(original, x, 3).path
+        assert (info["source"], info["capabilities"]["engine_path"]) == ("upload", path)
         ours, _ = hessian_over_http(restarted, "kept", x, 3)
         assert_matches(ours, local_hessians(original, x, 3))
     assert admin.delete("/models/kept", headers=AUTH).status_code == 200
@@ -445,7 +454,7 @@ def test_capability_reports_of_bundled_models(client: httpx.Client) -> None:
     assert relu["capabilities"]["hessian_zero"] == "almost_everywhere"
     assert relu["capabilities"]["curvature"] == "piecewise_linear"
     cnn = client.get("/models/digits_cnn").json()["capabilities"]
-    assert (cnn["engine_path"], cnn["hessian_method"]) == ("structured", "structured")
+    assert (cnn["engine_path"], cnn["hessian_method"]) == ("structured", "auto")
     assert (cnn["vmap"], cnn["forward_mode"], cnn["random_ops"]) == (True, True, False)
     assert cnn["parameters"] == 8 * 9 + 8 + 16 * 8 * 9 + 16 + 16 * 14 * 14 * 10 + 10
     assert cnn["parameter_bytes"] == 4 * cnn["parameters"]
