@@ -3,12 +3,10 @@
 A model that runs forward can still fail under ``torch.func`` transforms or a second
 ``torch.autograd`` pass, for reasons that have nothing to do with its math:
 
-- Recurrent layers (``nn.GRU``, ``nn.LSTM``, ``nn.RNN``) call one fused ATen op
-  (``torch.gru`` ...) that has no ``vmap`` batching rule; its composite form updates
-  its gates in place, so under ``vmap`` over samples a zero initial state (unbatched)
-  is written with a batched value: "output with shape [1, 16] doesn't match the
-  broadcast shape [3, 1, 16]". On CPU in float32 an LSTM also goes to oneDNN, whose
-  backward wants a workspace a transform does not keep.
+- Recurrent layers and cells (``nn.GRU``, ``nn.LSTMCell`` ...) call fused ATen ops
+  (``torch.gru``, ``torch.lstm_cell`` ...) that update gates in place: under ``vmap``
+  over samples they fail on the unbatched zero initial state ("output with shape
+  [1, 16] doesn't match the broadcast shape [3, 1, 16]"; ``recurrent``).
 - Attention (``F.scaled_dot_product_attention``, used by ``nn.MultiheadAttention`` with
   ``need_weights=False`` and so by ``nn.TransformerEncoderLayer``) picks a fused kernel
   (flash attention on CPU) whose backward has no derivative of its own: no Hessian.
@@ -18,16 +16,17 @@ A model that runs forward can still fail under ``torch.func`` transforms or a se
   ``torch.func``: measured on a scripted SiLU MLP, the first ``vmap``-ed Hessian was off
   by 4e-2 and the second raised "accessing `data` under vmap transform is not allowed".
   Unoptimized execution (``torch.jit.optimized_execution(False)``, thread-local) runs
-  the graph's ops one by one, which every transform handles.
+  the graph's ops one by one, which every transform handles; a plan the executor built
+  before is still used, so the first runs of a ScriptModule that had grad must be
+  unoptimized too.
 - Under ``torch.no_grad()`` some backward formulas (SiLU's, Mish's) are the fused
   ``silu_backward`` op, which has no forward-mode rule, so forward-over-reverse fails;
   with grad mode on torch uses their differentiable composite form.
 
 ``derivative_mode()`` fixes all four for the code it wraps, without changing a result
 beyond rounding: grad mode on, the math attention kernel, unoptimized TorchScript, and
-the recurrent ops
-replaced by torch's own functional decompositions (``torch._decomp``: the same gate
-equations written without in-place updates). While a ``TorchFunctionMode`` is active
+the recurrent ops replaced by ``recurrent``'s functional forms (the same gate equations
+without in-place updates) through a ``TorchFunctionMode``. While one is active
 ``torch.overrides.has_torch_function`` is true, which also keeps
 ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` off their inference fast
 paths (``torch._transformer_encoder_layer_fwd``, ``torch._native_multi_head_attention``),
@@ -39,9 +38,9 @@ GRU still fails under ``vmap``, and a module traced under ``torch.no_grad()`` ha
 fused attention ops in its graph. ``run_differentiable`` therefore retries a failed
 computation once in ``decomposed_mode``: ``derivative_mode`` plus torch's Python
 dispatcher, under which composite ops run as their Python decompositions (torch's own
-for the recurrent ops, ``fused_attention``'s for the fused attention kernels). Only the
-retry pays for the Python dispatcher (every op consults it: 1.5x the CPU time of
-``mlp_tanh``'s generic Hessian, 2.5x on 256 PINN points; the ``TorchFunctionMode``
+for the recurrent sequence ops, ``fused_attention``'s for the fused attention kernels).
+Only the retry pays for the Python dispatcher (every op consults it: 1.5x the CPU time
+of ``mlp_tanh``'s generic Hessian, 2.5x on 256 PINN points; the ``TorchFunctionMode``
 costs 3-8%; ``bench/generic_modes.py``, figures in ``docs/engine.md``).
 """
 
@@ -52,94 +51,22 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
-from torch._decomp import decompositions as torch_decompositions
 from torch._dispatch.python import enable_python_dispatcher
 from torch.jit._fuser import optimized_execution
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-from hessian_service.engine import fused_attention  # noqa: F401  (registers its forms)
+from hessian_service.engine import (
+    fused_attention,  # noqa: F401  (registers its forms)
+    recurrent,
+)
 
 _T = TypeVar("_T")
 
-# torch's own (untyped) helpers of its recurrent decompositions.
-_gather_params: Callable[..., Any] = torch_decompositions.gather_params
-_rnn_helper: Callable[..., Any] = torch_decompositions._rnn_helper
-
-
-def _lstm_input(
-    input: torch.Tensor,
-    hx: Sequence[torch.Tensor],
-    params: Sequence[torch.Tensor],
-    has_biases: bool,
-    num_layers: int,
-    dropout: float,
-    train: bool,
-    bidirectional: bool,
-    batch_first: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch.lstm`` (the ``.input`` overload) as torch's decomposition computes it,
-    always with the plain functional layer (never oneDNN's ``mkldnn_rnn_layer``)."""
-    has_projections = hx[0].size(2) != hx[1].size(2)
-    gathered = _gather_params(params, has_biases, has_projections)
-    hidden = list(zip(hx[0], hx[1], strict=True))
-    out, final = _rnn_helper(
-        input,
-        hidden,
-        gathered,
-        has_biases,
-        num_layers,
-        dropout,
-        train,
-        bidirectional,
-        batch_first,
-        torch_decompositions.one_layer_lstm,
-    )
-    states, cells = zip(*final, strict=True)
-    return out, torch.stack(states, 0), torch.stack(cells, 0)
-
-
-def _overload(
-    on_input: Callable[..., Any],
-    on_data: Callable[..., Any],
-    data: Callable[[tuple[Any, ...]], bool],
-) -> Callable[..., Any]:
-    """One replacement for an op with an ``.input`` (padded) and a ``.data`` (packed
-    sequence) overload, telling them apart by their positional arguments."""
-
-    def replacement(*args: Any) -> Any:
-        return on_data(*args) if data(args) else on_input(*args)
-
-    return replacement
-
-
-def _gru_like_is_data(args: tuple[Any, ...]) -> bool:
-    # gru / rnn_*: .input(input, hx, params, ...) vs .data(data, batch_sizes, hx, params, ...)
-    return isinstance(args[2], torch.Tensor)
-
-
-def _lstm_is_data(args: tuple[Any, ...]) -> bool:
-    # lstm: .input(input, hx: [h, c], params, ...) vs .data(data, batch_sizes, hx, ...)
-    return isinstance(args[1], torch.Tensor)
-
-
-_REPLACEMENTS: dict[Callable[..., Any], Callable[..., Any]] = {
-    torch.gru: _overload(
-        torch_decompositions.gru_impl, torch_decompositions.gru_impl_data, _gru_like_is_data
-    ),
-    torch.rnn_tanh: _overload(
-        torch_decompositions.rnn_tanh_input, torch_decompositions.rnn_tanh_data, _gru_like_is_data
-    ),
-    torch.rnn_relu: _overload(
-        torch_decompositions.rnn_relu_input, torch_decompositions.rnn_relu_data, _gru_like_is_data
-    ),
-    torch.lstm: _overload(_lstm_input, torch_decompositions.lstm_data_impl, _lstm_is_data),
-}
-
 
 class _FunctionalRecurrence(TorchFunctionMode):
-    """Replaces the fused recurrent ops (called positionally, as ``nn.RNNBase`` does)
-    with their functional decompositions; every other call passes through unchanged."""
+    """Replaces the fused recurrent ops (called positionally, as ``nn.RNNBase`` and the
+    cells do) with ``recurrent``'s functional forms; every other call passes through."""
 
     def __torch_function__(
         self,
@@ -148,9 +75,9 @@ class _FunctionalRecurrence(TorchFunctionMode):
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        replacement = _REPLACEMENTS.get(func)
-        if replacement is not None and not kwargs and len(args) == 9:
-            return replacement(*args)
+        replacement = recurrent.REPLACEMENTS.get(func)
+        if replacement is not None and not kwargs and len(args) in replacement[1]:
+            return replacement[0](*args)
         return func(*args, **(kwargs or {}))
 
 

@@ -47,6 +47,35 @@ class RecurrentHead(nn.Module):
         return torch.as_tensor(self.head(out[:, -1]))
 
 
+class CellLoop(nn.Module):
+    """A recurrent cell stepped over a [3, 4] sequence from its default zero state."""
+
+    def __init__(self, cell: type[nn.RNNCellBase], bias: bool = True) -> None:
+        super().__init__()
+        self.cell = cell(4, 6, bias=bias)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = None
+        for step in range(x.shape[1]):
+            state = self.cell(x[:, step], state)
+        hidden = state[0] if isinstance(state, tuple) else state
+        return torch.as_tensor(self.head(hidden))
+
+
+class StackedHead(nn.Module):
+    """Two bidirectional layers of a recurrent layer, the last step read out."""
+
+    def __init__(self, layer: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.recurrent = layer(4, 6, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.recurrent(x)
+        return torch.as_tensor(self.head(out[:, -1]))
+
+
 class EncoderHead(nn.Module):
     """``nn.TransformerEncoderLayer`` on [seq 6, d 16] (eval mode: its fast path applies
     to a plain forward), mean-pooled, then linear."""
@@ -87,6 +116,10 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "gru": (lambda: RecurrentHead(nn.GRU), (5, 4)),
     "lstm": (lambda: RecurrentHead(nn.LSTM), (5, 4)),
     "rnn_tanh": (lambda: RecurrentHead(nn.RNN), (5, 4)),
+    "lstm_2_layers_bidirectional": (lambda: StackedHead(nn.LSTM), (3, 4)),
+    "gru_cell": (lambda: CellLoop(nn.GRUCell), (3, 4)),
+    "lstm_cell_without_bias": (lambda: CellLoop(nn.LSTMCell, bias=False), (3, 4)),
+    "rnn_cell": (lambda: CellLoop(nn.RNNCell), (3, 4)),
     "transformer_encoder_layer": (EncoderHead, (6, 16)),
     "multihead_attention": (lambda: AttentionHead(need_weights=False), (4, 8)),
     "multihead_attention_weights": (lambda: AttentionHead(need_weights=True), (4, 8)),
