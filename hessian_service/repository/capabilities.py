@@ -176,13 +176,17 @@ def _method_for(
 ) -> tuple[EnginePath, Algorithm]:
     """The method for derivatives of ``kind`` and what ran on the trial sample ``x1``:
     ``auto`` when a trial of it works, else the autograd row loop once a trial of that
-    works (when it fails too, its error fails the load)."""
+    works (when it fails too, its error fails the load). When ``auto`` itself ended in
+    the row loop (its faster paths failed), the row loop is recorded, so that requests
+    do not pay for those failures again."""
     compute = compute_hessian if kind is DerivativeKind.HESSIAN else compute_jacobian
     try:
         result = compute(module, x1, output_index=0, method=EnginePath.AUTO)
     except Exception as error:  # the automatic path cannot run it: the row loop will
         notes.append(f"{kind} by the automatic path: {_first_line(error)}; using the row loop")
         result = compute(module, x1, output_index=0, method=EnginePath.AUTOGRAD)
+        return EnginePath.AUTOGRAD, result.method
+    if result.method.path is EnginePath.AUTOGRAD:
         return EnginePath.AUTOGRAD, result.method
     return EnginePath.AUTO, result.method
 
