@@ -19,6 +19,7 @@ from typing import ParamSpec, TypeVar
 
 import torch
 from torch import nn
+from torch.jit._fuser import optimized_execution
 
 from hessian_service.engine import generic, rowloop, structured
 from hessian_service.engine.graph import cache as graph_cache
@@ -162,7 +163,13 @@ def _saved_tensor_numel(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
         numel += tensor.numel()
         return tensor
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # Unoptimized: a TorchScript plan optimized on a grad run gives wrong results under
+    # vmap later (tests/unit/test_generic_robust.py).
+    with (
+        torch.enable_grad(),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        optimized_execution(False),
+    ):
         output = model(x.detach().requires_grad_(True))
     return output.detach(), numel
 

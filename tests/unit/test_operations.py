@@ -28,9 +28,18 @@ from hessian_service.serving.operations import OPERATIONS, operation_for
 
 def test_enum_values_are_the_wire_strings() -> None:
     assert [str(kind) for kind in DerivativeKind] == ["jacobian", "hessian"]
-    assert [str(path) for path in EnginePath] == ["auto", "structured", "generic", "autograd"]
+    assert [str(path) for path in EnginePath] == [
+        "auto",
+        "structured",
+        "graph",
+        "generic",
+        "autograd",
+    ]
     assert [str(algorithm) for algorithm in Algorithm] == [
         "structured",
+        "graph:input-tangents",
+        "graph:cut",
+        "graph:zero",
         "generic:forward-over-reverse",
         "generic:reverse-over-reverse",
         "generic:reverse",
