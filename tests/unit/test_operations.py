@@ -68,10 +68,15 @@ def test_each_algorithm_belongs_to_its_path(algorithm: Algorithm, path: EnginePa
     assert algorithm.path is path
 
 
-def test_only_generic_and_autograd_skip_the_structured_path() -> None:
+def test_only_auto_and_structured_may_take_the_structured_path() -> None:
     assert {path for path in EnginePath if path.skips_structured} == {
+        EnginePath.GRAPH,
         EnginePath.GENERIC,
         EnginePath.AUTOGRAD,
+    }
+    assert {path for path in EnginePath if path.tries_graph} == {
+        EnginePath.AUTO,
+        EnginePath.GRAPH,
     }
 
 
