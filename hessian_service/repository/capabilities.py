@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,6 +39,7 @@ from hessian_service.engine import (
     classify_ops,
     compute_hessian,
     compute_jacobian,
+    graph_report,
     structured,
 )
 
@@ -96,6 +97,9 @@ class Capabilities:
     buffer_bytes: int
     precisions: tuple[str, ...]
     notes: tuple[str, ...]
+    # The graph engine's view of the model's output-0 Hessian: nodes per rule, the cut,
+    # the executor, or why it cannot run (engine.graph_report).
+    graph: dict[str, object] = field(default_factory=dict)
 
     def method_for(self, kind: DerivativeKind) -> EnginePath:
         """The engine path the probe chose for derivatives of ``kind``."""
@@ -302,4 +306,13 @@ def _probe(
         buffer_bytes=sum(b.numel() * b.element_size() for b in module.buffers()),
         precisions=tuple(precisions),
         notes=tuple(notes),
+        graph=_graph_view(module, x),
     )
+
+
+def _graph_view(module: nn.Module, x: torch.Tensor) -> dict[str, object]:
+    """What the graph engine makes of one sample's output-0 Hessian (planned, not run)."""
+    try:
+        return graph_report(module, x[:1], output_index=0)
+    except Exception as error:  # a model the engine refuses is reported, not fatal
+        return {"supported": False, "reason": _first_line(error)}

@@ -221,6 +221,12 @@ class CapabilityReport(BaseModel):
     parameter_bytes: int
     buffer_bytes: int
     notes: list[str] = Field(description="Why a probe failed, where one did.")
+    graph: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The graph engine's plan for the output-0 Hessian: supported, "
+        "nodes_by_rule, curvature_ops, cut_size, cut_is_input, executor (direct or vmap), "
+        "reason (why not, or why the vmap executor), fallback_node (the node at fault).",
+    )
 
 
 class ModelInfo(BaseModel):

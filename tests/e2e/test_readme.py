@@ -101,7 +101,7 @@ def test_model_management_curl_example(admin_url: str, tmp_path: Path) -> None:
     )
     info = json.loads(result.stdout)
     assert (info["name"], info["version"], info["format"]) == ("my_net", "2", "torchscript")
-    assert info["capabilities"]["engine_path"] == "generic"
+    assert info["capabilities"]["engine_path"] == "graph"
     assert info["capabilities"]["parameters"] == 3 * 4 + 4 + 4 * 2 + 2
 
 

@@ -70,11 +70,6 @@ FROM_FOLDER = (
     "gru_head",
 )
 
-_CONVOLUTION = (
-    "torch.jit.trace records convolutions as aten::_convolution, which the graph rules do "
-    "not know (a curvature node): no cut is found, graph:input-tangents runs instead of "
-    "graph:cut. A decomposition _convolution -> convolution in graph/capture.py fixes it"
-)
 _TRACED_ATTENTION = (
     "a trace in eval mode records torch's fused attention fast path "
     "(aten::_native_multi_head_attention), which no graph rule knows: the generic path "
@@ -83,7 +78,6 @@ _TRACED_ATTENTION = (
 )
 # (architecture, format) -> why its served method differs from the in-process one today.
 KNOWN: dict[tuple[str, str], str] = {
-    ("tutorial_cnn", "torchscript"): _CONVOLUTION,
     ("multihead_attention", "torchscript"): _TRACED_ATTENTION,
 }
 
@@ -287,11 +281,6 @@ README = ROOT / "README.md"
 EXPORT_CALL = re.compile(r"`(torch\.export\.save\(torch\.export\.export\(.*?\), \"model\.pt2\"\))`")
 
 
-@pytest.mark.xfail(
-    'dynamic_shapes={"x"' in README.read_text(),
-    strict=True,
-    reason="README.md names forward's argument (x); nn.Sequential calls it input",
-)
 def test_the_readme_export_call_works_for_a_sequential(
     server: httpx.Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

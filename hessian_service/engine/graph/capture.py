@@ -84,7 +84,28 @@ def _var_mean(
     return _var(x, dims, correction=correction, keepdim=keepdim), x.mean(dims, keepdim=keepdim)
 
 
+def _convolution(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    transposed: bool,
+    output_padding: list[int],
+    groups: int,
+    *_backend_flags: bool,
+) -> torch.Tensor:
+    """``torch.jit.trace`` records convolutions as ``_convolution`` (with cuDNN flags):
+    the same convolution."""
+    result: torch.Tensor = aten.convolution.default(
+        x, weight, bias, stride, padding, dilation, transposed, output_padding, groups
+    )
+    return result
+
+
 _DECOMPOSITIONS: dict[Any, Callable[..., Any]] = {
+    aten._convolution.default: _convolution,
     **get_decompositions(list(DECOMPOSED)),
     aten.var.correction: _var,
     aten.var_mean.correction: _var_mean,
