@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.architectures import by_name
 from hessian_service import engine
 from hessian_service.engine import EnginePath, Objective
 from hessian_service.engine.structured import ELEMENTWISE, elementwise_derivatives, parse
@@ -54,8 +55,12 @@ def objectives() -> list[Objective | None]:
 
 
 def assert_paths_agree(model: nn.Module, x: torch.Tensor, objective: Objective | None) -> None:
+    # method="structured": auto may prefer the graph path (a narrow cut, known zeros); this
+    # file checks the structured path's math, which parse must accept for these models.
     index = [0, 2] if objective is None else None
-    fast = engine.compute_hessian(model, x, output_index=index, objective=objective)
+    fast = engine.compute_hessian(
+        model, x, output_index=index, objective=objective, method="structured"
+    )
     assert fast.method == "structured"
     slow = engine.compute_hessian(
         model, x, output_index=index, objective=objective, method="generic"
@@ -107,10 +112,16 @@ def test_flatten_of_image_input_and_bundled_shapes() -> None:
 
 def test_unsupported_networks_fall_back_to_the_graph_path() -> None:
     conv = nn.Sequential(
-        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2, 2)
+        nn.Conv2d(1, 2, 3),
+        nn.Tanh(),
+        nn.MaxPool2d(2, ceil_mode=True),
+        nn.Flatten(),
+        nn.Linear(2, 2),
     )
     assert parse(conv, (1, 4, 4)) is None
-    assert parse(nn.Sequential(nn.Conv2d(1, 2, 3, dilation=2), nn.Tanh()), (1, 6, 6)) is None
+    circular = nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular")
+    assert parse(nn.Sequential(circular, nn.Tanh()), (1, 6, 6)) is None
+    assert parse(nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveMaxPool2d(2)), (1, 6, 6)) is None
     assert parse(nn.Linear(4, 2), (2, 4)) is None  # Linear on a non-flat sample
     assert parse(nn.Sequential(nn.Linear(4, 4), nn.Dropout()).train(), (4,)) is None
     x = torch.randn(1, 1, 4, 4, dtype=torch.float64)
@@ -319,7 +330,9 @@ def test_conv1d_avgpool1d_and_a_network_without_tail() -> None:
     x = torch.randn(2, 1, 3, 3, dtype=torch.float64)
     for objective in [None, Objective("sum"), Objective("cross_entropy", target=torch.tensor(1))]:
         index = [0, 3] if objective is None else None
-        fast = engine.compute_hessian(headless, x, output_index=index, objective=objective)
+        fast = engine.compute_hessian(
+            headless, x, output_index=index, objective=objective, method="structured"
+        )
         slow = engine.compute_hessian(
             headless, x, output_index=index, objective=objective, method="generic"
         )
@@ -515,3 +528,233 @@ def test_structured_mlp_wider_than_256_inputs_equals_generic() -> None:
     x = torch.randn(2, 300, dtype=torch.float64)
     for objective in (None, Objective("mse", target=torch.zeros(3, dtype=torch.float64))):
         assert_paths_agree(model, x, objective)
+
+
+# --- CNN families of issue 19: adaptive pools, dilated and grouped convs, max pools ------
+
+
+def _reference_hessians(
+    model: nn.Module, x: torch.Tensor, index: int | None, target: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's input Hessian ``[B, n, n]`` of output ``index`` (or of the
+    cross-entropy towards class ``target``) and its Jacobian ``[B, m, n]``, by
+    torch.func.hessian and jacrev on one sample at a time: an independent reference."""
+
+    def outputs(sample: torch.Tensor) -> torch.Tensor:
+        return model(sample.unsqueeze(0)).reshape(-1)
+
+    def scalar(sample: torch.Tensor) -> torch.Tensor:
+        out = outputs(sample)
+        return out[index] if target is None else -torch.log_softmax(out, 0)[target]
+
+    n = x[0].numel()
+    hessians = torch.stack([torch.func.hessian(scalar)(s).reshape(n, n) for s in x])
+    jacobians = torch.stack([torch.func.jacrev(outputs)(s).reshape(-1, n) for s in x])
+    return hessians, jacobians
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def assert_structured_matches_torch_func(
+    model: nn.Module, shape: tuple[int, ...], *, index: int | None = 0, target: int | None = None
+) -> None:
+    """The structured path takes ``model`` (``parse`` accepts it) and its float64 Hessian
+    and Jacobian equal torch.func's to 1e-10 relative, on two seeded samples."""
+    model = model.double().eval().requires_grad_(False)
+    assert parse(model, shape) is not None
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    want_hessian, want_jacobian = _reference_hessians(model, x, index, target)
+    assert float(want_hessian.abs().max()) > 0  # a check of something
+    objective = None if target is None else Objective("cross_entropy", target=torch.tensor(target))
+    got = engine.compute_hessian(
+        model,
+        x,
+        output_index=None if target is not None else index,
+        objective=objective,
+        method="structured",
+    )
+    assert got.method == "structured"
+    error = _relative_error(got.matrix.reshape(want_hessian.shape), want_hessian)
+    assert error <= TOLERANCE, f"Hessian relative error {error:.2e}"
+    jacobian = engine.compute_jacobian(model, x, method="structured")
+    error = _relative_error(jacobian.matrix.reshape(want_jacobian.shape), want_jacobian)
+    assert error <= TOLERANCE, f"Jacobian relative error {error:.2e}"
+
+
+def _bn(channels: int) -> nn.Module:
+    norm = nn.BatchNorm2d(channels)
+    norm.running_mean.uniform_(-0.3, 0.3)
+    norm.running_var.uniform_(0.5, 2.0)
+    norm.weight.data.uniform_(0.5, 1.5)
+    return norm
+
+
+@pytest.mark.parametrize(
+    ("pool", "side"),
+    [
+        (nn.AdaptiveAvgPool2d(2), 10),  # 4 -> 2: even windows, a fixed-stride pool
+        (nn.AdaptiveAvgPool2d(1), 8),  # global average pooling
+        (nn.AdaptiveAvgPool2d((3, 2)), 8),  # 3 -> 3 rows kept, 3 -> 2 columns uneven
+        (nn.AdaptiveAvgPool2d(2), 9),  # 4 -> 2 even; at side 9 the conv gives 4 too
+        (nn.AdaptiveAvgPool2d(2), 11),  # 5 -> 2: uneven windows (0-2, 2-4), folded
+    ],
+    ids=["even", "global", "rows_kept_cols_uneven", "even_odd_side", "uneven"],
+)
+def test_batchnorm_silu_adaptive_pool_cnn(pool: nn.Module, side: int) -> None:
+    """The BatchNorm2d + SiLU + AdaptiveAvgPool family: even windows pass the patches as
+    an average pool, uneven ones are taken into the first Linear."""
+    torch.manual_seed(21)
+    body = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        _bn(3),
+        nn.SiLU(),
+        nn.Conv2d(3, 4, 3, stride=2),
+        _bn(4),
+        nn.SiLU(),
+        pool,
+        nn.Flatten(),
+    )
+    features = body(torch.zeros(1, 1, side, side)).shape[1]
+    model = nn.Sequential(*body, nn.Linear(features, 5), nn.Tanh(), nn.Linear(5, 3))
+    assert_structured_matches_torch_func(model, (1, side, side), index=2)
+
+
+def test_adaptive_pools_inside_the_head_and_in_1d() -> None:
+    """An even adaptive pool followed by a non-linearity and a convolution (so its
+    patches go on), a global one, and 1-D pools, even and uneven."""
+    torch.manual_seed(22)
+    inside = nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d(3),
+        nn.Softplus(),
+        nn.Conv2d(3, 2, 2),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2, 3),
+    )
+    assert_structured_matches_torch_func(inside, (2, 8, 8), index=1)
+    for size, features in ((4, 12), (3, 9)):  # 8 -> 4 even, 8 -> 3 uneven (folded)
+        one_d = nn.Sequential(
+            nn.Conv1d(2, 3, 3, padding=1),
+            nn.GELU(),
+            nn.AdaptiveAvgPool1d(size),
+            nn.Flatten(),
+            nn.Linear(features, 3),
+        )
+        assert_structured_matches_torch_func(one_d, (2, 8), index=0)
+
+
+def test_dilated_and_grouped_convolutions() -> None:
+    """Dilation and groups in each of the three ways patches pass a convolution: the
+    first window (a dense kernel over the receptive field), the composed second window
+    (one grouped, dilated convolution of the scale) and the general one (after a
+    non-factored layer), with strides and asymmetric padding."""
+    torch.manual_seed(23)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, dilation=2, padding=2, groups=2),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 3, dilation=(2, 1), stride=2, padding=(1, 2), groups=4),
+        nn.GELU(),
+        nn.Conv2d(4, 6, 2, dilation=2, groups=2),
+        nn.Softplus(),
+        nn.Flatten(),
+    )
+    features = model(torch.zeros(1, 2, 9, 9)).shape[1]
+    model = nn.Sequential(*model, nn.Linear(features, 3))
+    assert_structured_matches_torch_func(model, (2, 9, 9), index=1)
+    depthwise = nn.Sequential(  # the family's pointwise / depthwise / pointwise stack
+        nn.Conv2d(1, 4, 1),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4),
+        nn.Softplus(),
+        nn.Conv2d(4, 2, 1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(2 * 36, 3),
+    )
+    assert_structured_matches_torch_func(depthwise, (1, 6, 6), index=0)
+    one_d = nn.Sequential(
+        nn.Conv1d(2, 4, 3, dilation=3, padding=1, groups=2),
+        nn.SiLU(),
+        nn.Conv1d(4, 4, 3, dilation=2, stride=2, groups=4),
+        nn.Tanh(),
+        nn.Flatten(),
+    )
+    features = one_d(torch.zeros(1, 2, 16)).shape[1]
+    one_d = nn.Sequential(*one_d, nn.Linear(features, 3))
+    assert_structured_matches_torch_func(one_d, (2, 16), index=2)
+
+
+def test_max_pools_route_patches() -> None:
+    """Max pools copy one input unit per output unit: a ReLU/max-pool CNN under
+    cross-entropy (no curvature in the head: its rows are pulled back by a backward
+    pass), and smooth CNNs whose curvature blocks pass overlapping, padded, dilated and
+    strided max pools, one straight on the input, in 2-D and 1-D."""
+    torch.manual_seed(24)
+    relu = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 4, 6),
+    )
+    assert_structured_matches_torch_func(relu, (1, 12, 12), index=None, target=3)
+    smooth = nn.Sequential(
+        nn.MaxPool2d(2, stride=1),  # on the input itself
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.MaxPool2d(3, stride=2, padding=1),  # overlapping and padded
+        nn.Conv2d(3, 3, 2),
+        nn.Softplus(),
+        nn.MaxPool2d(2, stride=1, dilation=2),
+        nn.Flatten(),
+    )
+    features = smooth(torch.zeros(1, 2, 10, 10)).shape[1]
+    smooth = nn.Sequential(*smooth, nn.Linear(features, 4), nn.Tanh(), nn.Linear(4, 3))
+    assert_structured_matches_torch_func(smooth, (2, 10, 10), index=0)
+    assert_structured_matches_torch_func(smooth, (2, 10, 10), index=None, target=1)
+    one_d = nn.Sequential(
+        nn.Conv1d(1, 3, 3),
+        nn.Sigmoid(),
+        nn.MaxPool1d(3, stride=2, padding=1),
+        nn.Conv1d(3, 2, 2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(2 * 6, 3),
+    )
+    assert_structured_matches_torch_func(one_d, (1, 15), index=1)
+
+
+@pytest.mark.parametrize(
+    "name", ["cnn_bn_silu", "depthwise_cnn", "dilated_cnn", "cnn_relu_maxpool", "conv1d_sequence"]
+)
+def test_issue_19_cnn_families_take_the_structured_path(name: str) -> None:
+    """The seeded table's CNN families (bench/architectures.py, the benchmark's weights)
+    parse, and their structured Hessians and Jacobians equal torch.func's."""
+    arch = by_name(name)
+    torch.manual_seed(25)
+    assert_structured_matches_torch_func(
+        arch.build(),
+        arch.sample_shape,
+        index=arch.output_index,
+        target=arch.target if arch.objective is not None else None,
+    )
+
+
+def test_uneven_adaptive_pool_is_folded_only_next_to_the_first_linear() -> None:
+    """Uneven windows have no fixed stride, so only the first Linear can take them in;
+    anywhere else the model goes to the graph path."""
+    followed = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(3), nn.Tanh())
+    assert parse(followed, (1, 6, 6)) is None  # 4 -> 3, then a non-linearity
+    last = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.AdaptiveAvgPool2d(3), nn.Flatten())
+    assert parse(last, (1, 6, 6)) is None  # no Linear to take it
+    taken = nn.Sequential(*last, nn.Dropout(), nn.Linear(18, 2)).eval()
+    network = parse(taken, (1, 6, 6))
+    assert network is not None and len(network.head) == 2 and len(network.tail) == 1
