@@ -516,6 +516,9 @@ class Patches:
     # blocks can use the factors (``_composed_window``, ``_add_blocks``).
     factored: tuple[torch.Tensor, torch.Tensor | None] | None = None
     pending: torch.Tensor | None = None
+    # Whether a dilated window was passed: then the patches have entries no unit depends
+    # on (the holes between taps), which the Hessian blocks skip (``_support``).
+    holes: bool = False
     _indices: torch.Tensor | None = field(default=None, repr=False)
     _pairs: torch.Tensor | None = field(default=None, repr=False)
     _pairs_support: Support | None = field(default=None, repr=False)
@@ -566,6 +569,7 @@ class Patches:
             identity=False,
             factored=factored,
             pending=pending,
+            holes=self.holes,
         )
 
     def through_window(self, window: Window) -> Patches:
@@ -648,6 +652,7 @@ class Patches:
             (self.offset[0] + Sh * ph, self.offset[1] + Sw * pw),
             identity=False,
             factored=factored,
+            holes=self.holes or window.dilation != (1, 1),
         )
 
     def _first_window(self, window: Window) -> Patches:
@@ -1169,7 +1174,7 @@ def _add_blocks(
         if scale is not None:
             coefficient = coefficient * (scale * scale).unsqueeze(1)
         flat_kernel = kernel.reshape(channels, k)
-        support = _support(flat_kernel)
+        support = _support(flat_kernel) if patches.holes else None
         if support is not None:
             flat_kernel, k = flat_kernel[:, list(support)], len(support)
         outer = (flat_kernel.unsqueeze(2) * flat_kernel.unsqueeze(1)).reshape(channels, k * k)
@@ -1179,7 +1184,7 @@ def _add_blocks(
     else:
         values = patches.values
         local = values.reshape(values.shape[0], channels, positions, k)
-        support = _support(local)
+        support = _support(local) if patches.holes else None
         if support is not None:
             local = local[..., list(support)]
         weighted = coefficient.reshape(batch, scalars, channels, positions, 1) * local.unsqueeze(1)
