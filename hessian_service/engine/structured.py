@@ -9,13 +9,19 @@ where ``z_l`` is the input of non-linearity ``l``, ``J_l = dz_l/dx`` and ``g_l``
 gradient of ``s`` with respect to that non-linearity's output. A network is split at its
 first ``Linear`` into
 
-- a *head* (convolutions, average pooling, batch norm, elementwise functions, flatten):
-  every unit there depends only on its receptive field, a small patch of the input, so
-  its Jacobian is kept as one small dense patch per unit (``Patches``) and its Hessian
-  term is a ``K x K`` block per position, scattered into ``H`` -- never an ``n x n``
-  product. Up to the second convolution the patches factor as a per-unit scale times
-  the first kernel, so that convolution's patches are one convolution of the scale with
-  a composed kernel, and the first layer's blocks are one product;
+- a *head* (convolutions of any stride, dilation and groups, average, adaptive-average
+  and max pooling, batch norm, elementwise functions, flatten): every unit there
+  depends only on its receptive field, a small patch of the input, so its Jacobian is
+  kept as one small dense patch per unit (``Patches``) and its Hessian term is a
+  ``K x K`` block per position, scattered into ``H`` -- never an ``n x n`` product. Up
+  to the second convolution the patches factor as a per-unit scale times the first
+  kernel, so that convolution's patches are one convolution of the scale with a
+  composed kernel, and the first layer's blocks are one product. A grouped or dilated
+  kernel is the dense kernel over its receptive field with zeros off its groups and
+  between its taps; the blocks skip the entries no unit depends on. A max pool is
+  routing: each output unit copies the patch of the input unit it selects at ``x`` (it
+  is piecewise linear: no curvature term). An adaptive pool with even windows is an
+  average pool; one with uneven windows is taken into the first Linear (``W P``);
 - a *tail* (Linear, BatchNorm1d, elementwise functions): its curvature is propagated
   backward in each layer's width (``W^T H W``; ``diag(s') H diag(s') + diag(g s'')``)
   down to the output of the first ``Linear``, ``H_h``, and enters ``H`` once as
