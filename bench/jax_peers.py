@@ -17,7 +17,6 @@ starts, and sets ``torch.set_num_threads(threads)``: both libraries get the same
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 from collections.abc import Callable
@@ -44,10 +43,10 @@ def setup(threads: int) -> JaxSetup:
         os.sched_setaffinity(0, cpus[:threads])
     pinned = sorted(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
-    if importlib.util.find_spec("jax") is None:
+    try:
+        import jax
+    except ImportError:
         return JaxSetup(False, "jax is not installed (pip install -e '.[bench]')")
-    import jax
-
     update: Callable[[str, object], None] = jax.config.update  # untyped in jax's stubs
     update("jax_enable_x64", False)
     flags = os.environ.get("XLA_FLAGS", "unset")
