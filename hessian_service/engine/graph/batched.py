@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from hessian_service.engine.graph.rules import arg, kwarg, names, op_name
+from hessian_service.engine.graph.rules import arg, call_with, kwarg, names, op_name
 
 aten = torch.ops.aten
 
@@ -232,18 +232,7 @@ def _product(
 
 
 def _call(node: fx.Node, tensors: list[torch.Tensor | None]) -> object:
-    supply = iter(tensors)
-
-    def value(arg: object) -> object:
-        if isinstance(arg, fx.Node):
-            return next(supply)
-        if isinstance(arg, (list, tuple)):
-            return type(arg)(value(item) for item in arg)
-        return arg
-
-    args = tuple(value(arg) for arg in node.args)
-    kwargs = {key: value(arg) for key, arg in node.kwargs.items()}
     if node.target is operator.getitem:
-        return args[0][args[1]]  # type: ignore[index]
-    assert callable(node.target)
-    return node.target(*args, **kwargs)
+        container = tensors[0]
+        return container[arg(node, 1)]  # type: ignore[index]
+    return call_with(node, tensors, {})  # type: ignore[arg-type]

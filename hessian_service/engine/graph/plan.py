@@ -12,6 +12,7 @@ Hessian is known to be zero and nothing is computed.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -81,28 +82,24 @@ class GraphPlan:
         return counts
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
+def _reachable(node: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
+    """Every node reached from ``node`` by repeated ``step`` (``node`` itself excluded)."""
     seen: set[fx.Node] = set()
     stack = [node]
     while stack:
-        current = stack.pop()
-        for parent in current.all_input_nodes:
-            if parent not in seen:
-                seen.add(parent)
-                stack.append(parent)
+        for neighbour in step(stack.pop()):
+            if neighbour not in seen:
+                seen.add(neighbour)
+                stack.append(neighbour)
     return seen
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    return _reachable(node, lambda current: current.all_input_nodes)
 
 
 def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        for user in current.users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
+    return _reachable(node, lambda current: current.users)
 
 
 def _is_tensor(node: fx.Node) -> bool:

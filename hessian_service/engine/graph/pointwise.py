@@ -59,9 +59,9 @@ def second_derivatives(node: fx.Node, rule: NodeRule, args: list[torch.Tensor]) 
         exponent = float(node.args[1])
         return {(0, 0): exponent * (exponent - 1) * args[0] ** (exponent - 2)}
     try:
-        return _by_reverse(node, dependent, args)
+        return _pairs(node, dependent, args, _reverse_pair)
     except (RuntimeError, NotImplementedError):
-        return _by_forward(node, dependent, args)
+        return _pairs(node, dependent, args, _forward_pair)
 
 
 def _caller(
@@ -78,20 +78,23 @@ def _caller(
     return call
 
 
-def _by_reverse(node: fx.Node, dependent: tuple[int, ...], args: list[torch.Tensor]) -> Second:
-    """Elementwise, so ``d/du_q sum(d/du_p sum(y))`` is ``d2 y_e / du_p,e du_q,e``."""
-    call = _caller(node, dependent, args)
-    primals = tuple(args[i].contiguous() for i in dependent)
-    found: Second = {}
-    for a, p in enumerate(dependent):
-        for b in range(a, len(dependent)):
+# (call, primals, a, b) -> d2 y / du_a du_b per element, by one autodiff strategy.
+PairDerivative = Callable[
+    [Callable[..., torch.Tensor], tuple[torch.Tensor, ...], int, int], torch.Tensor
+]
 
-            def first(*values: torch.Tensor, a: int = a) -> torch.Tensor:
-                total: torch.Tensor = grad(lambda *v: call(*v).sum(), argnums=a)(*values).sum()
-                return total
 
-            found[(p, dependent[b])] = grad(first, argnums=b)(*primals)
-    return found
+def _reverse_pair(
+    call: Callable[..., torch.Tensor], primals: tuple[torch.Tensor, ...], a: int, b: int
+) -> torch.Tensor:
+    """Elementwise, so ``d/du_b sum(d/du_a sum(y))`` is ``d2 y_e / du_a,e du_b,e``."""
+
+    def first(*values: torch.Tensor) -> torch.Tensor:
+        total: torch.Tensor = grad(lambda *v: call(*v).sum(), argnums=a)(*values).sum()
+        return total
+
+    second: torch.Tensor = grad(first, argnums=b)(*primals)
+    return second
 
 
 def _unit(values: tuple[torch.Tensor, ...], chosen: int) -> tuple[torch.Tensor, ...]:
@@ -103,19 +106,27 @@ def _unit(values: tuple[torch.Tensor, ...], chosen: int) -> tuple[torch.Tensor, 
     )
 
 
-def _by_forward(node: fx.Node, dependent: tuple[int, ...], args: list[torch.Tensor]) -> Second:
+def _forward_pair(
+    call: Callable[..., torch.Tensor], primals: tuple[torch.Tensor, ...], a: int, b: int
+) -> torch.Tensor:
+    def first(*values: torch.Tensor) -> torch.Tensor:
+        derivative: torch.Tensor = jvp(call, values, _unit(values, a))[1]
+        return derivative
+
+    second: torch.Tensor = jvp(first, primals, _unit(primals, b))[1]
+    return second
+
+
+def _pairs(
+    node: fx.Node, dependent: tuple[int, ...], args: list[torch.Tensor], pair: PairDerivative
+) -> Second:
     call = _caller(node, dependent, args)
     primals = tuple(args[i].contiguous() for i in dependent)
-    found: Second = {}
-    for a, p in enumerate(dependent):
-        for b in range(a, len(dependent)):
-
-            def first(*values: torch.Tensor, a: int = a) -> torch.Tensor:
-                derivative: torch.Tensor = jvp(call, values, _unit(values, a))[1]
-                return derivative
-
-            found[(p, dependent[b])] = jvp(first, primals, _unit(primals, b))[1]
-    return found
+    return {
+        (p, dependent[b]): pair(call, primals, a, b)
+        for a, p in enumerate(dependent)
+        for b in range(a, len(dependent))
+    }
 
 
 # Unary operators: (u, y) -> f'(u), y being the operator's output.
