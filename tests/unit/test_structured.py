@@ -594,17 +594,17 @@ def _bn(channels: int) -> nn.Module:
 @pytest.mark.parametrize(
     ("pool", "side"),
     [
-        (nn.AdaptiveAvgPool2d(2), 10),  # 4 -> 2: even windows, a fixed-stride pool
+        (nn.AdaptiveAvgPool2d(2), 10),  # 4 -> 2: even windows
         (nn.AdaptiveAvgPool2d(1), 8),  # global average pooling
         (nn.AdaptiveAvgPool2d((3, 2)), 8),  # 3 -> 3 rows kept, 3 -> 2 columns uneven
         (nn.AdaptiveAvgPool2d(2), 9),  # 4 -> 2 even; at side 9 the conv gives 4 too
-        (nn.AdaptiveAvgPool2d(2), 11),  # 5 -> 2: uneven windows (0-2, 2-4), folded
+        (nn.AdaptiveAvgPool2d(2), 11),  # 5 -> 2: uneven windows (0-2, 2-4)
     ],
     ids=["even", "global", "rows_kept_cols_uneven", "even_odd_side", "uneven"],
 )
 def test_batchnorm_silu_adaptive_pool_cnn(pool: nn.Module, side: int) -> None:
-    """The BatchNorm2d + SiLU + AdaptiveAvgPool family: even windows pass the patches as
-    an average pool, uneven ones are taken into the first Linear."""
+    """The BatchNorm2d + SiLU + AdaptiveAvgPool family: the pool, next to the first
+    Linear, is taken into it (``W P``), whatever its windows."""
     torch.manual_seed(21)
     body = nn.Sequential(
         nn.Conv2d(1, 3, 3, padding=1),
@@ -622,8 +622,9 @@ def test_batchnorm_silu_adaptive_pool_cnn(pool: nn.Module, side: int) -> None:
 
 
 def test_adaptive_pools_inside_the_head_and_in_1d() -> None:
-    """An even adaptive pool followed by a non-linearity and a convolution (so its
-    patches go on), a global one, and 1-D pools, even and uneven."""
+    """Even adaptive pools inside the head (followed by a non-linearity, so the patches
+    pass them as average pools) in 2-D and 1-D; a global one and 1-D pools, even and
+    uneven, next to the first Linear."""
     torch.manual_seed(22)
     inside = nn.Sequential(
         nn.Conv2d(2, 3, 3),
@@ -646,6 +647,15 @@ def test_adaptive_pools_inside_the_head_and_in_1d() -> None:
             nn.Linear(features, 3),
         )
         assert_structured_matches_torch_func(one_d, (2, 8), index=0)
+    one_d_inside = nn.Sequential(
+        nn.Conv1d(2, 3, 3),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool1d(4),  # 12 -> 4: windows of 3
+        nn.Sigmoid(),
+        nn.Flatten(),
+        nn.Linear(12, 3),
+    )
+    assert_structured_matches_torch_func(one_d_inside, (2, 14), index=2)
 
 
 def test_dilated_and_grouped_convolutions() -> None:
