@@ -20,8 +20,8 @@ first ``Linear`` into
   kernel is the dense kernel over its receptive field with zeros off its groups and
   between its taps; the blocks skip the entries no unit depends on. A max pool is
   routing: each output unit copies the patch of the input unit it selects at ``x`` (it
-  is piecewise linear: no curvature term). An adaptive pool with even windows is an
-  average pool; one with uneven windows is taken into the first Linear (``W P``);
+  is piecewise linear: no curvature term). An adaptive pool next to the first Linear is
+  taken into it (``W P``); elsewhere, one with even windows is an average pool;
 - a *tail* (Linear, BatchNorm1d, elementwise functions): its curvature is propagated
   backward in each layer's width (``W^T H W``; ``diag(s') H diag(s') + diag(g s'')``)
   down to the output of the first ``Linear``, ``H_h``, and enters ``H`` once as
