@@ -84,14 +84,18 @@ def test_relu_network_under_cross_entropy_is_cut_at_its_logits() -> None:
     objective = Objective(kind="cross_entropy", target=target)
     found = _plan(model, x, objective=objective)
     assert (found.cut_size, found.cut_is_input, found.affine_prefix) == (5, False, False)
-    result = engine.compute_hessian(model, x, objective=objective)
+    result = engine.compute_hessian(model, x, objective=objective, method="graph")
     assert result.method is Algorithm.GRAPH_CUT
+    # auto keeps the structured patches for a convolutional head (faster there).
+    automatic = engine.compute_hessian(model, x, objective=objective)
+    assert automatic.method is Algorithm.STRUCTURED
 
     def loss(sample: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(model(sample.unsqueeze(0)), label.unsqueeze(0))
 
     want = torch.stack([func_hessian(loss)(x[b], target[b]).reshape(64, 64) for b in range(2)])
     _assert_close(result.selected, want)
+    _assert_close(automatic.selected, want)
 
 
 def test_raw_output_of_a_piecewise_linear_network_is_zero_without_work() -> None:

@@ -53,7 +53,7 @@ EXPECTED_PATH: dict[str, str] = {
     "layernorm_gelu_mlp": "graph",
     "rmsnorm_mlp": "graph",
     "groupnorm_cnn": "graph",
-    "cnn_relu_maxpool": "graph",
+    "cnn_relu_maxpool": "structured",
     "cnn_bn_silu": "structured",
     "depthwise_cnn": "structured",
     "dilated_cnn": "structured",
