@@ -75,6 +75,26 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=10)
 
 
+def wait_until_ready(
+    process: subprocess.Popen[bytes], url: str, ready_timeout_s: float
+) -> str | None:
+    """Poll ``url``'s ``/health/ready`` until it answers 200 (None), the process exits or
+    ``ready_timeout_s`` passes (then why, in words)."""
+    deadline = time.monotonic() + ready_timeout_s
+    with httpx.Client(base_url=url, timeout=2.0, trust_env=False) as client:
+        while True:
+            if process.poll() is not None:
+                return f"the server exited with code {process.returncode} before it was ready"
+            try:
+                if client.get("/health/ready").status_code == 200:
+                    return None
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                return f"the server at {url} was not ready after {ready_timeout_s:.0f} s"
+            time.sleep(0.1)
+
+
 @contextmanager
 def local_server(
     settings: Mapping[str, str] | None = None,
@@ -137,23 +157,9 @@ def local_server_process(
             return ServerDidNotStart(f"{why}; its stderr:\n{tail}")
 
         try:
-            deadline = time.monotonic() + ready_timeout_s
-            with httpx.Client(base_url=url, timeout=2.0, trust_env=False) as client:
-                while True:
-                    if process.poll() is not None:
-                        raise failed(
-                            f"the server exited with code {process.returncode} before it was ready"
-                        )
-                    try:
-                        if client.get("/health/ready").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise failed(
-                            f"the server at {url} was not ready after {ready_timeout_s:.0f} s"
-                        )
-                    time.sleep(0.1)
+            why_not = wait_until_ready(process, url, ready_timeout_s)
+            if why_not is not None:
+                raise failed(why_not)
             yield url, process
         finally:
             _stop(process)

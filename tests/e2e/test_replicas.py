@@ -49,7 +49,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 
 from hessian_service.config import BUNDLED_MODELS_DIR
-from hessian_service.local_server import LOCALHOST, free_port, server_env, uvicorn_command
+from hessian_service.local_server import (
+    LOCALHOST,
+    free_port,
+    server_env,
+    uvicorn_command,
+    wait_until_ready,
+)
 from hessian_service.repository import zoo
 from tests.device import TEST_DEVICE
 
@@ -120,18 +126,9 @@ class Replica:
 
     def wait_ready(self, deadline: float) -> None:
         assert self.process is not None
-        with httpx.Client(base_url=self.url, timeout=2.0, trust_env=False) as http:
-            while True:
-                if self.process.poll() is not None:
-                    pytest.fail(f"replica :{self.port} exited with {self.process.returncode}")
-                try:
-                    if http.get("/health/ready").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"replica :{self.port} not ready in {READY_TIMEOUT_S:.0f} s")
-                time.sleep(0.1)
+        why_not = wait_until_ready(self.process, self.url, max(deadline - time.monotonic(), 0.0))
+        if why_not is not None:
+            pytest.fail(f"replica :{self.port}: {why_not}")
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no goodbye to open connections, as in a crash."""
