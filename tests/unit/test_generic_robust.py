@@ -26,6 +26,7 @@ from hessian_service import engine
 from hessian_service.engine import Algorithm, generic, rowloop
 from hessian_service.engine.planner import plan_hessian
 from tests.cases import reference_hessian, scalar_of
+from tests.fresh_script import FreshSiLU
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script/trace
 
@@ -245,19 +246,6 @@ def test_forward_mode_jacobian_stays_off_the_encoder_fast_path() -> None:
 def _silu_script() -> tuple[torch.jit.ScriptModule, nn.Module, torch.Tensor]:
     model, x = _build("silu_mlp")
     return torch.jit.script(model), model, x
-
-
-class FreshSiLU(nn.Module):
-    """A base for classes scripted once each (``_fresh_script``): instances of one
-    scripted class share their graph executor and its cached plan."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.first = nn.Linear(5, 12)
-        self.second = nn.Linear(12, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(self.second(nn.functional.silu(self.first(x))))
 
 
 def test_torchscript_warmed_as_the_registry_does_gives_exact_hessians() -> None:

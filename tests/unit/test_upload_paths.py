@@ -30,6 +30,7 @@ from bench.architectures import by_name
 from hessian_service import engine
 from hessian_service.repository.loaders import UnoptimizedScript
 from hessian_service.repository.registry import load_model
+from tests.fresh_script import FreshSiLU
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -107,19 +108,6 @@ def test_an_exported_sequential_loads_with_the_positional_batch_dimension(tmp_pa
     x = torch.randn(5, 3, dtype=torch.float64)
     result = engine.hessian(loaded.module, x, output_index=1, method=loaded.method("hessian"))
     assert _relative(result, _hessians(model, x, 1)) <= RELATIVE
-
-
-class FreshSiLU(nn.Module):
-    """A SiLU MLP; each test scripts its own subclass, so that no other test has run (and
-    warmed) its graph executor."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.first = nn.Linear(5, 12)
-        self.second = nn.Linear(12, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(self.second(nn.functional.silu(self.first(x))))
 
 
 def test_a_never_run_torchscript_module_as_loaded_gives_exact_hessians() -> None:
