@@ -224,11 +224,7 @@ def _product(
         return beta * bias + alpha * product if (beta, alpha) != (1, 1) else bias + product
     left, right = tensors[0], tensors[1]
     assert left is not None and right is not None
-    if batched[0] and batched[1]:
-        return torch.matmul(left, right)
-    if batched[1]:  # a constant times a batched matrix: broadcast the constant
-        return torch.matmul(left, right)
-    return torch.matmul(left, right)
+    return torch.matmul(left, right)  # matmul broadcasts the leading (batched) dimensions
 
 
 def _call(node: fx.Node, tensors: list[torch.Tensor | None]) -> object:

@@ -240,13 +240,11 @@ def _pooled_tangent(
     assert isinstance(pooled, tuple)
     indices: torch.Tensor = pooled[1]
     batch, m = tangent.shape[:2]
-    spatial_in = tangent.shape[4:]
     flat = tangent.reshape(batch, m, *tangent.shape[2:4], -1)
     index = indices.reshape(batch, 1, *indices.shape[1:3], -1).expand(
         batch, m, *indices.shape[1:3], -1
     )
     picked = flat.gather(-1, index).reshape(batch, m, *indices.shape[1:])
-    del spatial_in
     return picked, None
 
 
@@ -341,7 +339,6 @@ def _cut_hessian(
     tangents: dict[fx.Node, object] = {cut: seed.expand(batch, m, *shape)}
     downstream = graph_plan.downstream
     total = value.new_zeros(batch, k, m, m)
-    wanted = {arg for node in graph_plan.curvature for arg in tensor_args(node)}
     with torch.no_grad():
         for node in graph_plan.graph.graph.nodes:
             if node not in downstream or node is cut or node not in graph_plan.rules:
@@ -357,7 +354,6 @@ def _cut_hessian(
                 continue
             adjoint = torch.stack(grads, dim=1)  # type: ignore[arg-type]  # [B, k, *S]
             total = total + _term(runner, node, adjoint, tangents)
-    del wanted
     return total
 
 

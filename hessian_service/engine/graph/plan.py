@@ -74,13 +74,6 @@ class GraphPlan:
     def cut_size(self) -> int:
         return numel(self.cut)
 
-    def coverage(self) -> dict[str, int]:
-        """How many nodes each rule kind covers (for the capability report)."""
-        counts: dict[str, int] = {}
-        for rule in self.rules.values():
-            counts[rule.kind.value] = counts.get(rule.kind.value, 0) + 1
-        return counts
-
 
 def _reachable(node: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
     """Every node reached from ``node`` by repeated ``step`` (``node`` itself excluded)."""
