@@ -29,6 +29,7 @@ from hessian_service.engine import (
     compute_hessian,
     compute_jacobian,
 )
+from hessian_service.engine.progress import NO_PROGRESS, Progress
 from hessian_service.units import format_bytes
 
 
@@ -82,6 +83,10 @@ class Selection:
     objective: Objective | None
     method: EnginePath
     memory_budget_bytes: int
+    # Counts products and carries a job's cancel flag (``engine.progress``); operations
+    # whose engine function works in chunks pass it on. Not an engine keyword of
+    # ``options()``: compute_hessian / compute_jacobian take none.
+    progress: Progress = NO_PROGRESS
 
     def options(self) -> dict[str, Any]:
         """The engine functions' keyword arguments (shallow: the objective's tensors are
