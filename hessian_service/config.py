@@ -98,3 +98,45 @@ class Settings(BaseSettings):
         60.0, gt=0, description="Per-request deadline for queueing and computing (504)."
     )
     access_log: bool = Field(True, description="One JSON line per request on stderr.")
+    # Jobs (POST /jobs, hessian_service.serving.jobs): long derivative work run in chunks
+    # with progress, on the jobs' own threads, bounded in number, queue, time and bytes.
+    max_jobs: int = Field(
+        64,
+        gt=0,
+        description="Most jobs kept (queued, running and finished); a full store evicts "
+        "its oldest finished job, and answers 503 when every kept job is still live.",
+    )
+    max_queued_jobs: int = Field(
+        16, gt=0, description="Most jobs waiting to start; more get 503 + Retry-After."
+    )
+    job_workers: int = Field(
+        1, gt=0, description="Jobs running at once (each on its own thread)."
+    )
+    job_ttl_s: float = Field(
+        3600.0,
+        gt=0,
+        description="How long a finished job (and its result) is kept after it finished.",
+    )
+    job_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Longest a job may run; then it stops at its next chunk and fails (504).",
+    )
+    job_chunk_products: int = Field(
+        1024,
+        gt=0,
+        description="Products per chunk of a dense /jacobian or /hessian job (one product: "
+        "one matrix row; at least one sample a chunk): how often it reports progress, "
+        "can be cancelled, and lets other requests in.",
+    )
+    max_job_result_bytes: int = Field(
+        2048 * MiB,
+        gt=0,
+        description="Most bytes of results all kept jobs hold together (in memory, or in "
+        "job_dir); a new result evicts the oldest finished ones to fit.",
+    )
+    job_dir: Path | None = Field(
+        None,
+        description="Folder where finished jobs' states and results are written and "
+        "reloaded from at start-up; unset: jobs live in memory and survive no restart.",
+    )

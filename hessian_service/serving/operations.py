@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from hessian_service.engine import (
@@ -31,6 +32,7 @@ from hessian_service.engine import (
 )
 from hessian_service.engine.progress import NO_PROGRESS, Progress
 from hessian_service.units import format_bytes
+from hessian_service.wire.schemas import DerivativeRequest
 
 
 class Operation(ABC):
@@ -42,6 +44,12 @@ class Operation(ABC):
     # With neither output_index nor objective: every output (True) or an error unless the
     # model has one output (False).
     all_outputs_by_default: ClassVar[bool]
+    # The body its endpoint validates (what POST /jobs validates a job's "request" with).
+    request_schema: ClassVar[type[BaseModel]] = DerivativeRequest
+    # True: the engine function reports no progress of its own, so a job runs it a few
+    # samples at a time (serving.jobs); False: ``compute`` passes ``selection.progress``
+    # to an engine function that advances it per chunk.
+    chunks_by_sample: ClassVar[bool] = False
 
     def entries_per_scalar(self, n: int) -> int:
         """Result entries per selected scalar of one sample with ``n`` inputs."""
@@ -105,6 +113,7 @@ class JacobianOperation(Operation):
     kind = DerivativeKind.JACOBIAN
     axes_per_scalar = 1
     all_outputs_by_default = True
+    chunks_by_sample = True
 
     def compute(self, module: nn.Module, x: torch.Tensor, selection: Selection) -> DerivativeResult:
         return compute_jacobian(module, x, **selection.options())
@@ -125,6 +134,7 @@ class HessianOperation(Operation):
     kind = DerivativeKind.HESSIAN
     axes_per_scalar = 2
     all_outputs_by_default = False
+    chunks_by_sample = True
 
     def compute(self, module: nn.Module, x: torch.Tensor, selection: Selection) -> DerivativeResult:
         return compute_hessian(module, x, **selection.options())

@@ -23,6 +23,7 @@ import torch
 
 from hessian_service.config import Settings
 from hessian_service.engine import DerivativeKind, DerivativeResult
+from hessian_service.engine.progress import NO_PROGRESS, Progress
 from hessian_service.errors import ClientClosedRequest, Overloaded, Timeout
 from hessian_service.metrics import Metrics, current_timing
 from hessian_service.repository.registry import Registry
@@ -87,16 +88,24 @@ class DerivativeService:
             operation_for(kind), request, self.registry.get(request.model), self.limits
         )
 
-    def compute(self, prepared: PreparedRequest) -> tuple[DerivativeResult, float]:
-        """Run the engine; returns the result and the compute time in milliseconds."""
-        module = prepared.model.for_dtype(prepared.x.dtype)
-        start = time.perf_counter()
-        selection = Selection(
+    def selection(self, prepared: PreparedRequest, progress: Progress = NO_PROGRESS) -> Selection:
+        """What the engine is asked for ``prepared``; ``progress`` counts its products and
+        carries a job's cancel flag (``serving.jobs``), nothing for a plain request."""
+        return Selection(
             output_index=prepared.output_index,
             objective=prepared.objective,
             method=prepared.model.method(prepared.kind),  # chosen by the load-time probe
             memory_budget_bytes=self.settings.memory_budget_bytes,
+            progress=progress,
         )
+
+    def compute(
+        self, prepared: PreparedRequest, progress: Progress = NO_PROGRESS
+    ) -> tuple[DerivativeResult, float]:
+        """Run the engine; returns the result and the compute time in milliseconds."""
+        module = prepared.model.for_dtype(prepared.x.dtype)
+        start = time.perf_counter()
+        selection = self.selection(prepared, progress)
         result = prepared.operation.compute(module, prepared.x, selection)
         if prepared.x.device.type == "cuda":
             torch.cuda.synchronize(prepared.x.device)
