@@ -23,7 +23,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hessian_service.api.middleware import BodySizeLimit
 from hessian_service.api.observability import ObservabilityMiddleware, configure_access_log
 from hessian_service.api.responses import install_problem_schemas
-from hessian_service.api.routes import admin, derivatives, health, metrics, models, playground, v2
+from hessian_service.api.routes import (
+    admin,
+    derivatives,
+    health,
+    jobs,
+    metrics,
+    models,
+    playground,
+    v2,
+)
 from hessian_service.config import Settings
 from hessian_service.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -35,6 +44,7 @@ from hessian_service.errors import (
 from hessian_service.metrics import Metrics
 from hessian_service.repository.registry import Registry, resolve_device
 from hessian_service.repository.uploads import UploadStore
+from hessian_service.serving.jobs import JobLimits, JobState, JobStore
 from hessian_service.serving.service import DerivativeService
 from hessian_service.wire import codec
 from hessian_service.wire.fields import field_name
@@ -174,6 +184,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.access_log:
         configure_access_log()
     uploads = UploadStore(settings.upload_dir)
+    job_store = JobStore(
+        service,
+        JobLimits.from_settings(settings),
+        folder=settings.job_dir,
+        on_finish=lambda job: metrics_.jobs_finished.labels(job.operation, str(job.state)).inc(),
+    )
+    metrics_.bind_jobs(job_store.counts, [str(state) for state in JobState])
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -188,8 +205,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             len(registry.failed),
             registry.device,
         )
+        job_store.start()  # reloads HESSIAN_JOB_DIR, if set
         freeze_startup_heap()
         yield
+        job_store.close()
         service.close()
         uploads.close()
 
@@ -204,8 +223,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = registry
     app.state.service = service
     app.state.uploads = uploads
+    app.state.jobs = job_store
     app.state.metrics = metrics_
     app.include_router(derivatives.router)
+    app.include_router(jobs.submit_router)
+    app.include_router(jobs.router)
     app.include_router(models.router)
     app.include_router(admin.router)
     app.include_router(health.router)

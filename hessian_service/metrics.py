@@ -14,7 +14,7 @@ service, after the registry knew the model.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -133,6 +133,26 @@ class Metrics:
             )
         else:
             self.device_memory.labels(str(device)).set_function(_rss_bytes)
+
+        self.jobs_finished = Counter(
+            "hessian_jobs_finished",
+            "Jobs (POST /jobs) that ended, by operation and end state: succeeded, failed, "
+            "cancelled.",
+            ("operation", "state"),
+            registry=self.registry,
+        )
+        self.jobs_kept = Gauge(
+            "hessian_jobs", "Jobs kept by the server, by state.", ("state",), registry=self.registry
+        )
+
+    def bind_jobs(self, counts: Callable[[], dict[str, int]], states: Sequence[str]) -> None:
+        """Read the kept jobs of each of ``states`` from ``counts()`` at every scrape."""
+
+        def reader(state: str) -> Callable[[], float]:
+            return lambda: float(counts().get(state, 0))
+
+        for state in states:
+            self.jobs_kept.labels(state).set_function(reader(state))
 
     def bind_queue_depth(self, depth: Callable[[], int]) -> None:
         """Read the queue depth from ``depth()`` at every scrape."""

@@ -128,3 +128,127 @@ def jacobian_examples() -> dict[str, dict[str, Any]]:
             },
         },
     }
+
+
+def job_examples() -> dict[str, dict[str, Any]]:
+    """``POST /jobs`` bodies: an endpoint's own body under ``request``."""
+    return {
+        "digits_cnn_hessians": {
+            "summary": "Hessians of 8 digits as a job: 8 chunks of 784 products, then "
+            "GET /jobs/{id}/result",
+            "description": "Poll the Location for progress; the result is the /hessian "
+            "response (8 x 784 x 784 float32, 19.7 MB in the binary encoding).",
+            "value": {
+                "operation": "/hessian",
+                "request": {
+                    "model": "digits_cnn",
+                    "inputs": [_tensor([8, 1, 28, 28], digit_image() * 8)],
+                    "output_index": 2,
+                    "encoding": "binary",
+                },
+            },
+        },
+        "quadratic4_jacobian": {
+            "summary": "A small /jacobian as a job (finished within a poll)",
+            "value": {
+                "operation": "jacobian",
+                "request": {
+                    "model": "quadratic4",
+                    "inputs": [_tensor([4], [2.0, 2.0, 2.0, 2.0])],
+                },
+            },
+        },
+    }
+
+
+def _quadratic(**body: Any) -> dict[str, Any]:
+    """A request on quadratic4 at x = 2 (f_i(x) = i x_i^2: J = diag(0, 4, 8, 12) and the
+    Hessian of output i is 2 i at (i, i), zeros elsewhere)."""
+    return {"model": "quadratic4", "inputs": [_tensor([4], [2.0, 2.0, 2.0, 2.0])], **body}
+
+
+def _digit(**body: Any) -> dict[str, Any]:
+    """A request on digits_cnn at the held-out digit."""
+    return {"model": "digits_cnn", "inputs": [_tensor([1, 1, 28, 28], digit_image())], **body}
+
+
+def hvp_examples() -> dict[str, dict[str, Any]]:
+    return {
+        "quadratic4": {
+            "summary": "H v of output 2 of x*x*arange(4) at x = 2, v = (1, 1, 1, 1): "
+            "(0, 0, 4, 0); 1 product",
+            "value": _quadratic(output_index=2, vectors=_tensor([1, 4], [1.0, 1.0, 1.0, 1.0])),
+        },
+        "digits_cnn": {
+            "summary": "H v of class 2's logit along the digit itself: 784 numbers, 1 "
+            "product (the 784x784 Hessian is never formed)",
+            "value": _digit(output_index=2, vectors=_tensor([1, 1, 1, 28, 28], digit_image())),
+        },
+    }
+
+
+def jvp_examples() -> dict[str, dict[str, Any]]:
+    return {
+        "quadratic4": {
+            "summary": "J v of x*x*arange(4) at x = 2 along (1, 1, 1, 1): (0, 4, 8, 12)",
+            "value": _quadratic(vectors=_tensor([1, 4], [1.0, 1.0, 1.0, 1.0])),
+        },
+    }
+
+
+def vjp_examples() -> dict[str, dict[str, Any]]:
+    return {
+        "quadratic4": {
+            "summary": "u^T J of x*x*arange(4) at x = 2 for u = (1, 1, 1, 1): (0, 4, 8, 12)",
+            "value": _quadratic(vectors=_tensor([1, 4], [1.0, 1.0, 1.0, 1.0])),
+        },
+        "digits_cnn": {
+            "summary": "The gradient of class 2's logit as u^T J with u = e_2: 784 numbers",
+            "value": _digit(vectors=_tensor([1, 10], [0.0, 0.0, 1.0] + [0.0] * 7)),
+        },
+    }
+
+
+def diagonal_examples() -> dict[str, dict[str, Any]]:
+    return {
+        "quadratic4": {
+            "summary": "Exact diagonal of output 3's Hessian of x*x*arange(4): (0, 0, 0, 6)",
+            "value": _quadratic(output_index=3),
+        },
+        "digits_cnn_exact": {
+            "summary": "Exact 784-entry diagonal of class 2's logit's Hessian for a digit",
+            "value": _digit(output_index=2, exact=True),
+        },
+        "digits_cnn_estimate": {
+            "summary": "Its stochastic estimate from 64 products, with standard errors",
+            "value": _digit(output_index=2, exact=False, max_products=64, seed=0),
+        },
+    }
+
+
+def trace_examples() -> dict[str, dict[str, Any]]:
+    return {
+        "quadratic4": {
+            "summary": "Laplacian of sum(x*x*arange(4)): 2 (0 + 1 + 2 + 3) = 12, exact",
+            "value": _quadratic(objective={"type": "sum"}),
+        },
+        "digits_cnn_estimate": {
+            "summary": "Hutch++ estimate of class 2's logit's Laplacian for a digit from 60 "
+            "products, with its standard error",
+            "value": _digit(output_index=2, exact=False, max_products=60, seed=0),
+        },
+    }
+
+
+def eigen_examples() -> dict[str, dict[str, Any]]:
+    return {
+        "quadratic4": {
+            "summary": "The 2 largest eigenpairs of sum(x*x*arange(4))'s Hessian diag(0, 2, "
+            "4, 6): 6 and 4, eigenvectors e_3 and e_2",
+            "value": _quadratic(objective={"type": "sum"}, k=2),
+        },
+        "digits_cnn": {
+            "summary": "Top 5 eigenvalues of class 2's logit's Hessian for a digit, by Lanczos",
+            "value": _digit(output_index=2, k=5, which="largest", tol=1e-4),
+        },
+    }
