@@ -25,6 +25,7 @@ from hessian_service.engine import generic, rowloop, structured
 from hessian_service.engine.graph import cache as graph_cache
 from hessian_service.engine.graph import direct as graph_direct
 from hessian_service.engine.graph import hessian as graph_hessian
+from hessian_service.engine.graph import laplacian as graph_laplacian
 from hessian_service.engine.graph.plan import GraphPlan
 from hessian_service.engine.graph.report import report as graph_report_of
 from hessian_service.engine.methods import Algorithm, EnginePath
@@ -37,6 +38,7 @@ from hessian_service.engine.planner import (
     plan_structured_hessian,
     plan_structured_jacobian,
 )
+from hessian_service.engine.progress import NO_PROGRESS, Progress
 
 # Every path serves both kinds; "autograd" (the per-row loop, engine.rowloop) is for models
 # that torch.func transforms cannot run (the registry's capability probe picks it).
@@ -322,6 +324,83 @@ def _graph_hessian(
             raise
         return None  # an operator without the AD rule the graph path needs: go generic
     return matrix, plan
+
+
+@dataclass(frozen=True)
+class SecondOrder:
+    """An exact Hessian diagonal (``values`` ``[B, *sample_shape]``) or trace (``[B]``)
+    from the graph engine's forward-Laplacian pass, with the model's output."""
+
+    values: torch.Tensor
+    output: torch.Tensor
+    columns: int  # input columns carried per pass (the rest in further passes)
+    passes: int  # forward passes over the network, all chunks of samples and columns
+    method: str  # "graph:forward-laplacian" or "graph:zero"
+
+
+def graph_second_order(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    trace: bool,
+    output_index: int | None = None,
+    objective: Objective | None = None,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    progress: Progress = NO_PROGRESS,
+) -> SecondOrder | None:
+    """The exact diagonal (or trace) of the input Hessian of one selected scalar, by the
+    graph engine's forward-Laplacian pass (``graph/laplacian.py``): no matrix and no
+    Hessian-vector products. ``None`` when the graph engine cannot run the model (an
+    operator without a rule): the caller then uses Hessian-vector products.
+
+    Memory: ``columns`` inputs are carried at a time (2 tangents each for a diagonal, 1
+    plus one for a trace), as many as fit ``memory_budget_bytes`` for a chunk of samples.
+    ``progress`` advances by the input columns done per sample, under ``AUTODIFF_LOCK``
+    one chunk at a time, so that other work interleaves and a cancel stops it.
+    """
+    _check_input("hessian", model, x)
+    if isinstance(output_index, list):
+        raise ValueError("hessian: the diagonal and trace take one output_index, not a list")
+    with AUTODIFF_LOCK:
+        m = _output_count(model, x)
+        selection = _select("hessian", output_index, objective, m, default_all=False)
+        targets = _targets(selection, x.shape[0], m, x)
+        found = graph_cache.graph_plan(
+            model, x[:1], targets[0], _selection_key(selection), _sample_fn(model, selection)
+        )
+        if isinstance(found, graph_cache.Unsupported) or found.direct_reason is not None:
+            return None
+    batch, n = x.shape[0], int(x[0].numel())
+    if found.is_zero:
+        with AUTODIFF_LOCK, torch.no_grad():
+            output = model(x)
+        shape = (batch,) if trace else tuple(x.shape)
+        progress.advance(batch * n)
+        return SecondOrder(x.new_zeros(shape), output, n, 0, str(Algorithm.GRAPH_ZERO))
+    per_column = graph_laplacian.bytes_per_column(found, x.element_size())
+    width = 1 if trace else 2  # tangents carried per input column
+    columns = max(1, min(n, memory_budget_bytes // (per_column * width)))
+    samples = max(1, min(batch, memory_budget_bytes // (per_column * width * columns)))
+    progress.plan(batch * n)
+    values: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+    passes = 0
+    for start in range(0, batch, samples):
+        xs, ts = x[start : start + samples], targets[start : start + samples]
+        progress.check()
+
+        def advance(done: int, size: int = xs.shape[0]) -> None:
+            progress.advance(done * size)  # raises Cancelled between column passes
+
+        with AUTODIFF_LOCK:
+            value, flat = graph_laplacian.second_order(
+                found, xs, ts, trace=trace, columns=columns, on_chunk=advance
+            )
+        passes += -(-n // columns)
+        values.append(value[:, 0] if trace else value[:, 0].reshape(xs.shape))
+        outputs.append(flat)
+    output = _shaped_output(model, x, torch.cat(outputs))
+    return SecondOrder(torch.cat(values), output, columns, passes, "graph:forward-laplacian")
 
 
 def _targets(selection: _Selection, batch: int, m: int, x: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from hessian_service.engine import (
     ObjectiveKind,
     compute_hessian,
     compute_jacobian,
+    graph_second_order,
 )
 
 RELATIVE = 1e-10
@@ -167,6 +168,7 @@ def _scalar_of_one_sample(arch: Architecture, model: nn.Module) -> Callable[...,
     return scalar
 
 
+@functools.cache  # shared by the Hessian and the diagonal/trace tests
 def reference_hessian(name: str) -> torch.Tensor:
     """``[batch, n, n]``: ``torch.func.hessian`` of the scalar, one sample at a time."""
     arch, model, x = by_name(name), _model(name), _inputs(name)
@@ -266,3 +268,18 @@ def test_fast_paths_cover_the_table() -> None:
     # EXPECTED_PATH is what runs (test_hessian_path pins it), so its share is the coverage.
     share = sum(path in FAST_PATHS for path in EXPECTED_PATH.values()) / len(EXPECTED_PATH)
     assert share >= COVERAGE_FLOOR, f"fast paths take {share:.0%} of the table"
+
+
+@pytest.mark.parametrize("name", [arch.name for arch in ARCHITECTURES])
+def test_forward_laplacian_diagonal_and_trace_equal_the_dense_ones(name: str) -> None:
+    """The exact diagonal and trace without the matrix (``engine/graph/laplacian.py``):
+    every architecture of the table runs it, to the table's tolerance."""
+    arch = by_name(name)
+    model, x, objective = _model(name), _inputs(name), _objective(arch)
+    index = arch.output_index if objective is None else None
+    diagonal = graph_second_order(model, x, trace=False, output_index=index, objective=objective)
+    trace = graph_second_order(model, x, trace=True, output_index=index, objective=objective)
+    assert diagonal is not None and trace is not None, "the direct executor cannot run it"
+    reference = reference_hessian(name).diagonal(dim1=-2, dim2=-1)
+    assert_relative_close(diagonal.values.reshape(reference.shape), reference)
+    assert_relative_close(trace.values, reference.sum(-1))
