@@ -1,0 +1,65 @@
+"""The diagonal of each sample's input Hessian: exact where it fits, else estimated.
+
+``STRATEGIES`` is the policy, tried in order (``strategies.run``): the first that
+accepts answers. A faster exact strategy (the graph engine's forward-Laplacian pass)
+goes in front as one more entry.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hessian_service.engine.objectives import Objective
+from hessian_service.engine.operators import strategies
+from hessian_service.engine.operators.results import Estimate
+from hessian_service.engine.planner import DEFAULT_MEMORY_BUDGET_BYTES
+from hessian_service.engine.progress import NO_PROGRESS, Progress
+
+STRATEGIES: tuple[strategies.Strategy, ...] = (
+    strategies.dense,  # exact: B n x n matrices in chunks of samples, when one fits
+    strategies.hvp_basis,  # exact: n HVPs on basis vectors per sample
+    strategies.stochastic,  # Hutchinson: mean of v * Hv, with its standard error
+)
+
+
+def hessian_diagonal(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    output_index: int | None = None,
+    objective: Objective | None = None,
+    exact: bool | None = None,
+    max_products: int | None = None,
+    max_work: int | None = None,
+    seed: int = 0,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    progress: Progress = NO_PROGRESS,
+) -> Estimate:
+    """``diag(H)`` of one selected scalar per sample: ``values [B, *in]``.
+
+    ``exact=True``: dense or HVP-basis, else ``OperatorTooLarge`` (a ``ValueError``: 413).
+    ``exact=False``: Hutchinson's estimate from ``max_products`` (default 64 per sample)
+    with ``standard_error [B, *in]``. ``exact=None``: exact when it fits the budget,
+    ``max_products`` and ``max_work`` (activation elements: ``engine.workload``'s
+    measure; without ``max_products`` the basis is used up to
+    ``plan.AUTO_EXACT_PRODUCTS`` products), else the estimate.
+    """
+    return strategies.run(
+        strategies.make_problem(
+            "hessian_diagonal",
+            "diagonal",
+            model,
+            x,
+            output_index,
+            objective,
+            exact,
+            max_products,
+            max_work,
+            seed,
+            memory_budget_bytes,
+            progress,
+        ),
+        STRATEGIES,
+        "hessian_diagonal",
+    )
