@@ -5,6 +5,8 @@ running server with the Python client: ``hessian --model quadratic4 --input x.np
 --output-index 2 --out h.npy`` writes the Hessian at ``x`` to ``h.npy``. An input shaped
 like the model's input is one sample (the file holds one matrix); ``[N, *input_shape]``
 is N samples, sent in batches with a progress bar on stderr, streamed to the file.
+With ``--job`` the whole input is one job on the server (``POST /jobs``): computed there in
+chunks, its progress shown from the server's counts, the result saved when it is done.
 
 What each needs: ``serve`` needs the server's packages (torch, FastAPI, uvicorn: the
 ``hessian-service`` distribution) and says so when one is missing; the client commands
@@ -102,6 +104,8 @@ def _derivative(args: argparse.Namespace) -> int:
         "precision": args.precision,
     }
     with Client(args.url, retries=args.retries) as client:
+        if args.job:
+            return _derivative_job(client, args, options)
         sample_shape = list(client.model(args.model)["input_shape"])
         inputs = Inputs(args.input)
         if list(inputs.shape) == sample_shape:  # one sample: one request, one matrix
@@ -119,6 +123,32 @@ def _derivative(args: argparse.Namespace) -> int:
                 resume=args.resume,
                 **options,
             )
+    print(path, file=sys.stderr)
+    return 0
+
+
+def _derivative_job(client: Any, args: argparse.Namespace, options: dict[str, Any]) -> int:
+    """``--job``: the whole input as one job; its progress on stderr, then the result
+    saved. Ctrl-C or ``--job-timeout`` cancels the job on the server before exiting."""
+    from hessian_client.files import save
+
+    job = client.submit(args.command, model=args.model, x=_read_whole(args.input), **options)
+    print(f"job {job.id} submitted", file=sys.stderr)
+    try:
+        status = job.wait(progress=not args.no_progress, timeout=args.job_timeout)
+    except (KeyboardInterrupt, TimeoutError) as stop:
+        job.cancel()
+        print(f"hessian-service {args.command}: job {job.id} cancelled ({stop!r})", file=sys.stderr)
+        return 130 if isinstance(stop, KeyboardInterrupt) else 1
+    if status["state"] != "succeeded":
+        problem = status.get("problem") or {}
+        detail = f": {problem.get('detail')}" if problem else ""
+        print(
+            f"hessian-service {args.command}: job {job.id} {status['state']}{detail}",
+            file=sys.stderr,
+        )
+        return 1
+    path = save(args.out, job.result().value, args.command)
     print(path, file=sys.stderr)
     return 0
 
@@ -185,6 +215,19 @@ def _derivative_parser(commands: Any, kind: str, summary: str) -> None:
         help="continue an interrupted run from <out>.partial (same input and options)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--job",
+        action="store_true",
+        help="send the whole input as one job (POST /jobs): the server computes it in "
+        "chunks, this command shows its progress, then saves the result; Ctrl-C cancels it",
+    )
+    parser.add_argument(
+        "--job-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --job: give up waiting after S seconds (the job is cancelled)",
+    )
     _client_options(parser)
 
 

@@ -10,18 +10,22 @@ Depends on httpx and numpy only. Results are ``torch.Tensor`` (torch is the opti
 extra ``hessian-client[torch]``), or numpy arrays with ``as_numpy=True``; asking for a
 tensor without torch installed raises ``TorchNotInstalledError`` before anything is
 sent. ``Client.bulk_hessian`` streams many Hessians to a file (numpy only);
-``AsyncClient`` is the asyncio twin; every failure is a ``HessianServiceError``.
+``Client.submit`` runs a request as a job on the server (``Job.wait`` shows its
+progress); ``AsyncClient`` is the asyncio twin; every failure is a ``HessianServiceError``.
 """
 
 from hessian_client._arrays import Result, TorchNotInstalledError
 from hessian_client._retry import RetryPolicy
 from hessian_client._wire import HessianServiceError
 from hessian_client.client import AsyncClient, Client
+from hessian_client.jobs import Job, JobResult
 
 __all__ = [
     "AsyncClient",
     "Client",
     "HessianServiceError",
+    "Job",
+    "JobResult",
     "Result",
     "RetryPolicy",
     "TorchNotInstalledError",

@@ -27,6 +27,8 @@ from hessian_client._wire import (
     error_from,
 )
 from hessian_client.bulk import InputsLike, run
+from hessian_client.jobs import Job, job_request
+from hessian_client.jobs import submit as submit_job
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 T = TypeVar("T")
@@ -251,6 +253,28 @@ class Client(_Base):
     def bulk_jacobian(self, model: str, inputs: InputsLike, **options: Any) -> Path:
         """Jacobians of many inputs streamed to a file; see ``hessian_client.bulk.run``."""
         return run(self, "jacobian", model, inputs, **options)
+
+    def submit(self, operation: str, **request: Any) -> Job:
+        """Run one request as a job (``POST /jobs``) and return it at once.
+
+        ``operation`` is the endpoint (``hessian``, ``/hvp``, ``hessian/trace``, ...);
+        ``request`` its body's fields, with ``x`` the input (any array: sent as base64)
+        and other arrays (``vectors``) sent as tensor objects; encoding binary unless
+        given. The request is checked before it is queued: its 4xx raises here.
+        ``job.wait()`` shows progress, ``job.result()`` fetches the answer.
+        """
+        return submit_job(self, operation, job_request(**request))
+
+    def job(self, job_id: str) -> Job:
+        """A job submitted earlier (by id), with its current status."""
+        job = Job(self, {"id": job_id})
+        job.status()
+        return job
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """``GET /jobs``: every job the server keeps, oldest first."""
+        jobs: list[dict[str, Any]] = self.request("GET", "/jobs").json()["jobs"]
+        return jobs
 
 
 class AsyncClient(_Base):
