@@ -76,6 +76,13 @@ class Unauthorized(ServiceError):
         self.headers["WWW-Authenticate"] = 'Bearer realm="hessian-service"'
 
 
+class InsufficientStorage(ServiceError):
+    """The computation ran out of device or host memory even with smaller chunks (WebDAV's
+    507: the server cannot store what this request needs); the request may fit in pieces."""
+
+    title = "Insufficient storage"
+
+
 class Forbidden(ServiceError):
     title = "Forbidden"
 
@@ -95,6 +102,7 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     Conflict: 409,
     Timeout: 504,
     ClientClosedRequest: 499,
+    InsufficientStorage: 507,
     ServiceError: 500,
 }
 

@@ -117,6 +117,12 @@ class Metrics:
             ("reason",),
             registry=self.registry,
         )
+        self.oom_retries = Counter(
+            "hessian_oom_retries",
+            "Computations rerun with half the memory budget after running out of memory.",
+            ("kind",),
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "hessian_queue_depth", "Requests waiting to compute.", registry=self.registry
         )

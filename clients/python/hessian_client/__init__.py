@@ -19,6 +19,7 @@ from hessian_client._retry import RetryPolicy
 from hessian_client._wire import HessianServiceError
 from hessian_client.client import AsyncClient, Client
 from hessian_client.jobs import Job, JobResult
+from hessian_client.packing import unpack
 
 __all__ = [
     "AsyncClient",
@@ -29,4 +30,5 @@ __all__ = [
     "Result",
     "RetryPolicy",
     "TorchNotInstalledError",
+    "unpack",
 ]

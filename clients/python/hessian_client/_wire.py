@@ -100,8 +100,10 @@ def derivative_body(
     encoding: str,
     layout: str,
     precision: str,
+    rows: tuple[int, int] | None = None,
+    result_precision: str | None = None,
 ) -> dict[str, Any]:
-    """The body of ``POST /hessian`` or ``POST /jacobian``."""
+    """The body of ``POST /hessian`` or ``POST /jacobian``; ``rows`` is ``(start, stop)``."""
     body: dict[str, Any] = {
         "model": model,
         "inputs": [tensor_object(x)],
@@ -113,6 +115,10 @@ def derivative_body(
         body["output_index"] = output_index
     if objective is not None:
         body["objective"] = objective
+    if rows is not None:
+        body["rows"] = {"start": int(rows[0]), "stop": int(rows[1])}
+    if result_precision is not None:
+        body["result_precision"] = result_precision
     return body
 
 
@@ -129,13 +135,16 @@ def decode_array(obj: Mapping[str, Any], raw: bytes | memoryview | None = None) 
         array = np.frombuffer(raw, dtype=dtype)
     elif isinstance(obj.get("data"), str):
         array = np.frombuffer(base64.b64decode(obj["data"]), dtype=dtype)
+    elif datatype == "BF16":  # json numbers are the bfloat16 values: exact in float32
+        array = np.asarray(obj.get("data", []), dtype=np.float32).reshape(-1)
+        dtype = np.dtype("<f4")
     else:
         array = np.asarray(obj.get("data", []), dtype=np.float64).astype(dtype).reshape(-1)
     if array.size != count:
         raise HessianServiceError(
             f"response tensor {obj.get('name')!r}: {array.size} values for shape {shape}"
         )
-    if datatype == "BF16":
+    if datatype == "BF16" and dtype == np.uint16:  # raw bits: the high half of a float32
         array = (array.astype(np.uint32) << 16).view(np.float32)
     return array.reshape(shape)
 

@@ -29,6 +29,7 @@ from hessian_client._wire import (
 from hessian_client.bulk import InputsLike, run
 from hessian_client.jobs import Job, job_request
 from hessian_client.jobs import submit as submit_job
+from hessian_client.packing import PACKING_ORDER, unpack
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 T = TypeVar("T")
@@ -39,8 +40,12 @@ NOT_READY_RETRIES = frozenset({429})
 def _result(kind: Kind, response: httpx.Response) -> Result:
     decoded = decode_response(response.content, response.headers)
     body = decoded.body
+    value = decoded.arrays[kind]
+    packing = (body.get("metadata") or {}).get("packing") or {}
+    if packing.get("complete") and packing.get("order") == PACKING_ORDER:
+        value = unpack(value, int(packing["n"]))  # the symmetric matrix, values unchanged
     return Result(
-        value=decoded.arrays[kind],
+        value=value,
         output=decoded.arrays["output"],
         metadata=body.get("metadata", {}),
         model=body.get("model", ""),
@@ -75,6 +80,8 @@ class _Base:
         encoding: Encoding,
         layout: str,
         precision: str,
+        rows: tuple[int, int] | None = None,
+        result_precision: str | None = None,
     ) -> dict[str, Any]:
         return derivative_body(
             model,
@@ -84,6 +91,8 @@ class _Base:
             encoding=encoding,
             layout=layout,
             precision=precision,
+            rows=rows,
+            result_precision=result_precision,
         )
 
 
@@ -185,9 +194,13 @@ class Client(_Base):
         layout: str = "matrix",
         precision: str = "float32",
         encoding: Encoding = "binary",
+        rows: tuple[int, int] | None = None,
+        result_precision: str | None = None,
     ) -> Result:
         """The whole answer of one /hessian or /jacobian request, as numpy arrays."""
-        body = self._body(model, x, output_index, objective, encoding, layout, precision)
+        body = self._body(
+            model, x, output_index, objective, encoding, layout, precision, rows, result_precision
+        )
         return _result(kind, self.request("POST", f"/{kind}", json=body))
 
     def hessian(
@@ -201,9 +214,16 @@ class Client(_Base):
         precision: str = "float32",
         encoding: Encoding = "binary",
         as_numpy: bool = False,
+        rows: tuple[int, int] | None = None,
+        result_precision: str | None = None,
     ) -> Any:
         """The input Hessian: ``[n, n]`` for one sample, ``[B, n, n]`` for a batch.
 
+        ``rows=(a, b)``: only rows a..b, ``[b - a, n]``. ``layout="packed"`` sends half
+        the bytes (the upper triangle) and is unpacked here to the symmetric matrix
+        (a segment of rows stays packed: ``hessian_client.packing.unpack``).
+        ``result_precision="float16"`` / ``"bfloat16"`` halves the bytes again (float16
+        comes back as float16, bfloat16 widened to float32).
         A ``torch.Tensor``, or a numpy array with ``as_numpy=True``; without torch
         installed, a tensor call raises ``TorchNotInstalledError`` and sends nothing.
         """
@@ -217,6 +237,8 @@ class Client(_Base):
             layout=layout,
             precision=precision,
             encoding=encoding,
+            rows=rows,
+            result_precision=result_precision,
         )
         return convert(result.value)
 
@@ -363,9 +385,13 @@ class AsyncClient(_Base):
         layout: str = "matrix",
         precision: str = "float32",
         encoding: Encoding = "binary",
+        rows: tuple[int, int] | None = None,
+        result_precision: str | None = None,
     ) -> Result:
         """The whole answer of one /hessian or /jacobian request, as numpy arrays."""
-        body = self._body(model, x, output_index, objective, encoding, layout, precision)
+        body = self._body(
+            model, x, output_index, objective, encoding, layout, precision, rows, result_precision
+        )
         return _result(kind, await self.request("POST", f"/{kind}", json=body))
 
     async def hessian(
@@ -379,6 +405,8 @@ class AsyncClient(_Base):
         precision: str = "float32",
         encoding: Encoding = "binary",
         as_numpy: bool = False,
+        rows: tuple[int, int] | None = None,
+        result_precision: str | None = None,
     ) -> Any:
         """The input Hessian, as ``Client.hessian``."""
         convert = converter(as_numpy)  # before sending: no torch, no server work
@@ -391,6 +419,8 @@ class AsyncClient(_Base):
             layout=layout,
             precision=precision,
             encoding=encoding,
+            rows=rows,
+            result_precision=result_precision,
         )
         return convert(result.value)
 
