@@ -61,8 +61,11 @@ def unsupported_reason(graph_plan: GraphPlan) -> str | None:
 class _Runner:
     """One call's state: values and per-sample flags for every node."""
 
-    def __init__(self, graph_plan: GraphPlan) -> None:
+    def __init__(self, graph_plan: GraphPlan, tangent_axis: int = 1) -> None:
         self.plan = graph_plan
+        # Where tangents keep their columns: [B, m, ...] (1, the Hessian's terms) or
+        # [m, B, ...] (0, the forward-Laplacian pass: contiguous columns, cheap broadcasts).
+        self.tangent_axis = tangent_axis
         self.graph = graph_plan.graph
         self.values: dict[fx.Node, object] = {}
         self.per_sample: set[fx.Node] = set()
@@ -97,7 +100,7 @@ class _Runner:
         """A node's value with the tangent axis added (``[B, 1, ...]``) if per-sample."""
         value = self.values[node]
         assert isinstance(value, torch.Tensor)
-        return value.unsqueeze(1) if node in self.per_sample else value
+        return value.unsqueeze(self.tangent_axis) if node in self.per_sample else value
 
 
 def _tangent(runner: _Runner, node: fx.Node, tangents: dict[fx.Node, object]) -> object:
@@ -145,7 +148,8 @@ def _tangent(runner: _Runner, node: fx.Node, tangents: dict[fx.Node, object]) ->
         derivative = first_derivatives(node, tuple(dependent), values, output)
         total = None
         for i in dependent:
-            piece = batched._lift(tangents[args[i]], 2, rank) * derivative[i].unsqueeze(1)  # type: ignore[arg-type]
+            factor = derivative[i].unsqueeze(runner.tangent_axis)
+            piece = batched._lift(tangents[args[i]], 2, rank) * factor  # type: ignore[arg-type]
             total = piece if total is None else total + piece
         return total
     if name in MASKED:  # amax/amin: the tangent of the selected element(s)
@@ -159,12 +163,17 @@ def _tangent(runner: _Runner, node: fx.Node, tangents: dict[fx.Node, object]) ->
         broadcast = chosen if keep else _unsqueeze_all(chosen, axes)
         mask = (x == broadcast).to(x.dtype)
         mask = mask / mask.sum(dim=axes, keepdim=True)
-        picked = (tangents[args[0]] * mask.unsqueeze(1)).sum(  # type: ignore[operator]
+        picked = (tangents[args[0]] * mask.unsqueeze(runner.tangent_axis)).sum(  # type: ignore[operator]
             dim=[a + 1 for a in axes], keepdim=keep
         )
         return picked
     if name.startswith("max_pool") and name.endswith("with_indices"):
-        return _pooled_tangent(runner, node, tangents[args[0]])  # type: ignore[arg-type]
+        source = tangents[args[0]]
+        assert isinstance(source, torch.Tensor)
+        if runner.tangent_axis == 0:  # the gather below indexes [B, m, ...]
+            picked, _ = _pooled_tangent(runner, node, source.transpose(0, 1))
+            return picked.transpose(0, 1), None
+        return _pooled_tangent(runner, node, source)
     if name == "where":
         condition = runner.lifted(args[0])
         rank = batched._rank(node)

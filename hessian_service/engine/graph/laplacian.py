@@ -59,7 +59,7 @@ def second_order(
     scalars at ``x``, and the ``[B, m_out]`` flat outputs; ``columns`` inputs per pass.
     ``on_chunk(c)`` is called after each pass of ``c`` input columns."""
     batch, n = x.shape[0], int(x[0].numel())
-    runner = _Runner(graph_plan)
+    runner = _Runner(graph_plan, tangent_axis=0)  # columns first: [c, B, ...]
     output_node = next(node for node in graph_plan.graph.graph.nodes if node.op == "output")
     scalars_node, out_node = output_node.args[0]
     with torch.no_grad():
@@ -92,9 +92,9 @@ def _pass(
     assert isinstance(value, torch.Tensor)
     shape = value.shape[1:]  # [1, *sample_shape]: the traced batch of one
     eye = torch.eye(value[0].numel(), dtype=x.dtype, device=x.device)[start:stop]
-    seed = eye.reshape(1, c, *shape).expand(batch, c, *shape)
-    second = x.new_zeros(batch, 1 if trace else c, *shape)
-    columns: dict[fx.Node, object] = {placeholder: torch.cat([seed, second], dim=1)}
+    seed = eye.reshape(c, 1, *shape).expand(c, batch, *shape)
+    second = x.new_zeros(1 if trace else c, batch, *shape)
+    columns: dict[fx.Node, object] = {placeholder: torch.cat([seed, second])}
     curvature = set(graph_plan.curvature)
     for node in graph_plan.graph.graph.nodes:
         if node.op != "call_function" or node not in graph_plan.rules:
@@ -118,8 +118,8 @@ def _pass(
     if out is None:  # the scalars do not depend on the input
         return x.new_zeros(batch, k) if trace else x.new_zeros(batch, k, c)
     assert isinstance(out, torch.Tensor)
-    seconds = out[:, c:]  # [B, 1 or c, k]
-    return seconds[:, 0] if trace else seconds.transpose(1, 2)
+    seconds = out[c:]  # [1 or c, B, k]
+    return seconds[0] if trace else seconds.permute(1, 2, 0)
 
 
 def _tanh_derivatives(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,13 +150,12 @@ def _unary_from_output(
     rank = batched._rank(node)
     source = batched._lift(source, 2, rank)
     first, second = FROM_OUTPUT[op_name(node)](output)
-    first, second = first.unsqueeze(1), second.unsqueeze(1)
     carried = source * first
-    tangents = source[:, :c]
+    tangents = source[:c]
     squares = tangents * tangents
     if trace:
-        squares = squares.sum(1, keepdim=True)
-    carried[:, c:].addcmul_(squares, second)
+        squares = squares.sum(0, keepdim=True)
+    carried[c:].addcmul_(squares, second)
     return carried
 
 
@@ -177,24 +176,24 @@ def _with_curvature(
         first, second = (1, 2) if name == "addmm" else (0, 1)
         left, right = columns[args[first]], columns[args[second]]
         assert isinstance(left, torch.Tensor) and isinstance(right, torch.Tensor)
-        product = torch.matmul(left[:, :c], right[:, :c])  # [B, c, ...]
-        extra = 2 * (product.sum(1, keepdim=True) if trace else product)
+        product = torch.matmul(left[:c], right[:c])  # [c, B, ...]
+        extra = 2 * (product.sum(0, keepdim=True) if trace else product)
     else:
         rank = batched._rank(node)
         shape = list(node.meta["val"].shape)
         values = [_expanded(runner.values[a], a in runner.per_sample, rank, shape, 1) for a in args]
         extra_sum: torch.Tensor | None = None
         for (p, q), d2 in second_derivatives(node, rule, values).items():
-            tp = _expanded(columns[args[p]], True, rank, shape, 2)[:, :c]
-            tq = tp if p == q else _expanded(columns[args[q]], True, rank, shape, 2)[:, :c]
+            tp = _expanded(columns[args[p]], True, rank, shape, 2)[:c]
+            tq = tp if p == q else _expanded(columns[args[q]], True, rank, shape, 2)[:c]
             product = tp * tq
             if trace:
-                product = product.sum(1, keepdim=True)
-            term = product * d2.unsqueeze(1) * (1.0 if p == q else 2.0)
+                product = product.sum(0, keepdim=True)
+            term = product * d2 * (1.0 if p == q else 2.0)
             extra_sum = term if extra_sum is None else extra_sum + term
         assert extra_sum is not None
         extra = extra_sum
     if carried._base is not None or carried.stride(0) == 0:  # a view: write to a copy
         carried = carried.clone()
-    carried[:, c:] += extra
+    carried[c:] += extra
     return carried
