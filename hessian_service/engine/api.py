@@ -319,6 +319,8 @@ def _graph_hessian(
     try:
         with torch.no_grad():
             matrix = _in_chunks(batch_chunk, x, targets, chunk)[0]
+    except torch.OutOfMemoryError:
+        raise  # the caller retries with a smaller budget: not a reason to change paths
     except (RuntimeError, NotImplementedError):
         if path is EnginePath.GRAPH:
             raise
@@ -593,12 +595,12 @@ def compute_hessian(
             plan = replace(plan, method=Algorithm.REVERSE_OVER_REVERSE)
             try:
                 matrix = _generic_hessian(scalars, x, targets, plan)
-            except RuntimeError:
-                if path is EnginePath.GENERIC:
+            except RuntimeError as error:
+                if path is EnginePath.GENERIC or isinstance(error, torch.OutOfMemoryError):
                     raise
                 return _row_loop_hessian(scalars, x, targets, output, plan, selection)
-        except RuntimeError:  # vmap cannot run it (data-dependent control flow, .item())
-            if path is EnginePath.GENERIC:
+        except RuntimeError as error:  # vmap cannot run it (data-dependent control flow)
+            if path is EnginePath.GENERIC or isinstance(error, torch.OutOfMemoryError):
                 raise
             return _row_loop_hessian(scalars, x, targets, output, plan, selection)
     return _result(matrix, output, plan, selection)
