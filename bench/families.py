@@ -23,7 +23,7 @@ from torch import nn
 from bench.architectures import NormMLP, ResidualMLP, by_name
 from bench.models import bundled
 
-Kind = Literal["hessian", "jacobian"]
+Kind = Literal["hessian", "jacobian", "trace"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class BenchRow:
 
     ``output_index`` selects a raw output of the flattened per-sample output; with
     ``objective`` (``"cross_entropy"`` towards class ``target``) it is None. A
-    ``"jacobian"`` row takes the Jacobian of every output instead. ``headline`` rows are
+    ``"jacobian"`` row takes the Jacobian of every output instead, a ``"trace"`` row the
+    trace of the scalar's input Hessian (the Laplacian, issue 17). ``headline`` rows are
     the ones the quick mode runs.
     """
 
@@ -140,6 +141,10 @@ def _table(name: str) -> Callable[[], nn.Module]:
 
 ROWS: tuple[BenchRow, ...] = (
     BenchRow("pinn_tanh", "pinn", _table("pinn_tanh"), (2,), batch=4096, headline=True),
+    # The PINN's Laplacian (issue 17): what a physics-informed loss needs of the Hessian.
+    BenchRow(
+        "pinn_tanh", "pinn", _table("pinn_tanh"), (2,), batch=4096, kind="trace", headline=True
+    ),
     BenchRow("pinn_sin", "pinn", _table("pinn_sin"), (2,), batch=4096),
     BenchRow(
         "residual_mlp_784",

@@ -76,6 +76,18 @@ def _variants(row: BenchRow) -> dict[str, Callable[[Callable[..., Any]], Callabl
             "jax.jacrev": lambda f: jax.jacrev(f, argnums=1),
             "jax.jacfwd": lambda f: jax.jacfwd(f, argnums=1),
         }
+    if row.kind == "trace":
+        import jax.numpy as jnp
+
+        def traced(transform: Callable[..., Any]) -> Callable[..., Any]:
+            return lambda *args: jnp.trace(transform(*args))
+
+        return {
+            "trace(jax.hessian)": lambda f: traced(jax.hessian(f, argnums=1)),
+            "trace(jax.jacfwd(jax.jacrev))": lambda f: traced(
+                jax.jacfwd(jax.jacrev(f, argnums=1), argnums=1)
+            ),
+        }
     return {
         "jax.hessian": lambda f: jax.hessian(f, argnums=1),
         "jax.jacfwd(jax.jacrev)": lambda f: jax.jacfwd(jax.jacrev(f, argnums=1), argnums=1),

@@ -74,6 +74,9 @@ def ours(model: nn.Module, row: BenchRow, x: torch.Tensor) -> tuple[Callable[[],
         def call() -> engine.DerivativeResult:
             return engine.compute_jacobian(model, x)
 
+    elif row.kind == "trace":
+        return _ours_trace(model, row, x)
+
     else:
         objective = (
             Objective(kind=ObjectiveKind(row.objective), target=torch.tensor(row.target))
@@ -87,6 +90,16 @@ def ours(model: nn.Module, row: BenchRow, x: torch.Tensor) -> tuple[Callable[[],
 
     method = str(call().method)
     return (lambda: call().matrix), method
+
+
+def _ours_trace(model: nn.Module, row: BenchRow, x: torch.Tensor) -> tuple[Callable[[], Any], str]:
+    """``POST /hessian/trace``'s engine call: the exact trace (``exact=True``)."""
+    from hessian_service.engine.operators import hessian_trace
+
+    def call() -> Any:
+        return hessian_trace(model, x, output_index=row.output_index, exact=True)
+
+    return (lambda: call().values), str(call().method)
 
 
 def run_row(row: BenchRow, *, quick: bool, with_jax: bool) -> RowResult:
@@ -141,8 +154,7 @@ def run_row(row: BenchRow, *, quick: bool, with_jax: bool) -> RowResult:
     return result
 
 
-def transform_name(row: BenchRow) -> str:
-    return "torch.func.jacrev" if row.kind == "jacobian" else "torch.func.hessian"
+transform_name = torch_peers.transform_name
 
 
 def ratios(result: RowResult) -> dict[str, Any]:

@@ -42,6 +42,9 @@ TARGETS: tuple[Target, ...] = (
     Target("hessian/mlp_tanh/B1", "torch.func", 3.1),
     Target("hessian/digits_cnn/B1", "torch.func", 30.0),
     Target("jacobian/mlp_tanh/B1", "jax.jit(jax.jacrev)", 1.0),
+    # Issue 17: the PINN's Laplacian through POST /hessian/trace's engine call.
+    Target("trace/pinn_tanh/B4096", "torch.func", 3.0),
+    Target("trace/pinn_tanh/B4096", "best JAX", 1.0),
 )
 EVERY_ROW_VS_BEST_PEER = 0.95
 
@@ -50,7 +53,8 @@ def _peer(result: RowResult, against: str) -> str | None:
     """The measured peer a target's ``against`` means on this row, if it ran."""
     peers = result.peers
     if against == "torch.func":
-        return next((p for p in peers if p.startswith(("torch.func", "vmap(torch.func"))), None)
+        prefixes = ("torch.func", "vmap(torch.func", "trace(torch.func", "vmap(trace(torch.func")
+        return next((p for p in peers if p.startswith(prefixes)), None)
     if against == "best JAX":
         return result.best(result.jax_peers)
     if against == "best of JAX and torch.compile":

@@ -95,6 +95,10 @@ def func_transform(
     in place of ``hessian`` (``jacfwd(jacrev)``)."""
     if row.kind == "jacobian":
         per_sample = jacrev(outputs_fn(model))
+    elif row.kind == "trace":
+        second = jacrev(jacrev(scalar_fn(model, row))) if reverse_over_reverse else None
+        full = second if second is not None else hessian(scalar_fn(model, row))
+        per_sample = lambda sample: torch.trace(full(sample).reshape(row.n, row.n))  # noqa: E731
     elif reverse_over_reverse:
         per_sample = jacrev(jacrev(scalar_fn(model, row)))
     else:
@@ -157,12 +161,13 @@ def compiled_transforms(model: nn.Module, row: BenchRow, x: torch.Tensor) -> lis
     Dynamo's caches are reset before each: every row compiles the same Python function
     objects (the lambdas above), and past its recompile limit dynamo would silently run
     them eagerly."""
-    base = "torch.func.jacrev" if row.kind == "jacobian" else "torch.func.hessian"
+    base = transform_name(row)
     first = _compile(f"torch.compile({func_name(row, base)})", func_transform(model, row), x)
     if first.method is not None or row.kind == "jacobian":
         return [first]
+    nested = "torch.func.jacrev(jacrev)"
     fallback = _compile(
-        f"torch.compile({func_name(row, 'torch.func.jacrev(jacrev)')})",
+        f"torch.compile({func_name(row, f'trace({nested})' if row.kind == 'trace' else nested)})",
         func_transform(model, row, reverse_over_reverse=True),
         x,
     )
@@ -178,11 +183,14 @@ def methods(
     """The eager torch peers of a row, by the names the JSON line uses (the row loop
     left out when ``row_loop`` is false)."""
     transform = func_transform(model, row)
+    name = func_name(row, transform_name(row))
     if row.kind == "jacobian":
-        name = func_name(row, "torch.func.jacrev")
         loop: Method = _math_sdpa(lambda: row_loop_jacobian(model, x))
+    elif row.kind == "trace":
+        loop = _math_sdpa(
+            lambda: row_loop_hessian(model, row, x).diagonal(dim1=-2, dim2=-1).sum(-1)
+        )
     else:
-        name = func_name(row, "torch.func.hessian")
         loop = _math_sdpa(lambda: row_loop_hessian(model, row, x))
     chosen = {name: _math_sdpa(lambda: transform(x))}
     if row_loop:
@@ -199,4 +207,12 @@ def reference(model: nn.Module, row: BenchRow, x: torch.Tensor, samples: int) ->
     )
     with sdpa_kernel(SDPBackend.MATH):
         matrices = [per_sample(sample).reshape(-1, row.n) for sample in x[:samples].double()]
-    return torch.stack(matrices)
+    stacked = torch.stack(matrices)
+    return stacked.diagonal(dim1=-2, dim2=-1).sum(-1) if row.kind == "trace" else stacked
+
+
+def transform_name(row: BenchRow) -> str:
+    """The torch.func transform a row's peers time, by the name the JSON line uses."""
+    if row.kind == "jacobian":
+        return "torch.func.jacrev"
+    return "trace(torch.func.hessian)" if row.kind == "trace" else "torch.func.hessian"
