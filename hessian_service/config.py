@@ -59,6 +59,27 @@ class Settings(BaseSettings):
         "(digits_cnn's largest, 218 Hessians within max_result_bytes: 3.2e9).",
     )
     max_output_indices: int = Field(64, gt=0, description="Longest output_index list.")
+    # The matrix-free operators (/hvp, /jvp, /vjp, /hessian/diagonal|trace|eigen): their
+    # own inputs' limits; their results and compute are bounded as above too.
+    max_operator_vectors: int = Field(
+        256, gt=0, description="Most vectors m per sample of one /hvp, /jvp or /vjp request."
+    )
+    max_operator_products: int = Field(
+        100_000,
+        gt=0,
+        description="Most products (Hessian-vector, Jacobian-vector or vector-Jacobian "
+        "products) one request of /hvp, /jvp, /vjp or /hessian/diagonal|trace|eigen may "
+        "compute, over all its samples, and the most its `max_products` may ask for. An "
+        "exact diagonal or trace by products needs one per input and sample (12,288 for "
+        "one 3x64x64 image).",
+    )
+    max_eigen_k: int = Field(64, gt=0, description="Most eigenpairs k of /hessian/eigen.")
+    min_eigen_tol: float = Field(
+        1e-12,
+        gt=0,
+        description="Smallest `tol` of /hessian/eigen: below what the compute dtype "
+        "resolves, a tolerance only spends the product budget.",
+    )
     torch_threads: int | None = Field(
         None, gt=0, description="torch intra-op threads; default: torch's own choice."
     )

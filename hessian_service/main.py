@@ -30,6 +30,7 @@ from hessian_service.api.routes import (
     jobs,
     metrics,
     models,
+    operators,
     playground,
     v2,
 )
@@ -226,6 +227,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.jobs = job_store
     app.state.metrics = metrics_
     app.include_router(derivatives.router)
+    for router in operators.routers:
+        app.include_router(router)
     app.include_router(jobs.submit_router)
     app.include_router(jobs.router)
     app.include_router(models.router)

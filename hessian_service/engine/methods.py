@@ -4,7 +4,8 @@ Three things used to be plain strings compared all over the service, one of them
 suffix. Each is now one enum whose values are the strings that appear on the wire and in
 the capability report, so responses do not change:
 
-- ``DerivativeKind``: what a request derives (``jacobian`` or ``hessian``).
+- ``DerivativeKind``: what a request derives (``jacobian``, ``hessian``, or one of the
+  matrix-free operators: ``hvp``, ``jvp``, ``vjp``, ``hessian/diagonal``, ...).
 - ``EnginePath``: the path a caller asks for (the ``method=`` argument of the engine's
   functions, and the choice the load-time probe records): ``auto``, ``structured``,
   ``generic`` or ``autograd``.
@@ -32,6 +33,14 @@ class DerivativeKind(_WireEnum):
 
     JACOBIAN = "jacobian"
     HESSIAN = "hessian"
+    # The matrix-free operators (engine.operators): each value is its route without the
+    # leading slash, as "jacobian" and "hessian" are.
+    HVP = "hvp"  # Hessian-vector products H v
+    JVP = "jvp"  # Jacobian-vector products J v
+    VJP = "vjp"  # vector-Jacobian products u^T J
+    HESSIAN_DIAGONAL = "hessian/diagonal"
+    HESSIAN_TRACE = "hessian/trace"
+    HESSIAN_EIGEN = "hessian/eigen"
 
 
 class EnginePath(_WireEnum):

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from hessian_service.engine import DerivativeKind, DerivativeResult, Objective
+from hessian_service.serving.operator_request import Prepared
 from hessian_service.serving.request import PreparedRequest
 
 
@@ -36,10 +37,14 @@ class BatchKey(NamedTuple):
     objective: Hashable
 
 
-def batch_key(prepared: PreparedRequest) -> BatchKey:
-    """Requests with equal keys may be computed as one batch."""
+def batch_key(prepared: Prepared) -> BatchKey:
+    """Requests with equal keys may be computed as one batch; an operation that does not
+    merge (a matrix-free operator: its vectors and budgets are its own) gets a key of
+    its own, the request's identity, which no other queued request shares."""
     index = prepared.output_index
     selection: Hashable = ("list", tuple(index)) if isinstance(index, list) else ("int", index)
+    if not prepared.operation.merges:
+        selection = ("alone", id(prepared))
     objective = prepared.objective
     manifest = prepared.model.manifest
     return BatchKey(

@@ -29,9 +29,11 @@ from hessian_service.engine import (
     Objective,
     compute_hessian,
     compute_jacobian,
+    operators,
 )
 from hessian_service.engine.progress import NO_PROGRESS, Progress
 from hessian_service.units import format_bytes
+from hessian_service.wire.operator_schemas import EigenRequest, EstimateRequest, ProductRequest
 from hessian_service.wire.schemas import DerivativeRequest
 
 
@@ -50,6 +52,13 @@ class Operation(ABC):
     # samples at a time (serving.jobs); False: ``compute`` passes ``selection.progress``
     # to an engine function that advances it per chunk.
     chunks_by_sample: ClassVar[bool] = False
+    # False: each request is its own batch (its operands are its own; serving.merging).
+    merges: ClassVar[bool] = True
+
+    @property
+    def probed_kind(self) -> DerivativeKind:
+        """The kind whose load-time probe choice (``LoadedModel.method``) applies."""
+        return self.kind
 
     def entries_per_scalar(self, n: int) -> int:
         """Result entries per selected scalar of one sample with ``n`` inputs."""
@@ -78,7 +87,9 @@ class Operation(ABC):
         return selected
 
     @abstractmethod
-    def compute(self, module: nn.Module, x: torch.Tensor, selection: Selection) -> DerivativeResult:
+    def compute(
+        self, module: nn.Module, x: torch.Tensor, selection: Selection
+    ) -> DerivativeResult | OperatorOutcome:
         """Run this operation's engine function on the batch ``x``."""
 
 
@@ -95,6 +106,9 @@ class Selection:
     # whose engine function works in chunks pass it on. Not an engine keyword of
     # ``options()``: compute_hessian / compute_jacobian take none.
     progress: Progress = NO_PROGRESS
+    # What a matrix-free operator takes besides the selection (its vectors, budgets);
+    # None for the dense kinds.
+    operands: Operands | None = None
 
     def options(self) -> dict[str, Any]:
         """The engine functions' keyword arguments (shallow: the objective's tensors are
@@ -168,8 +182,247 @@ class HessianOperation(Operation):
         return super().notes(curvature, objective, zero)
 
 
+@dataclass(frozen=True, eq=False)
+class Operands:
+    """What a matrix-free operator request adds to the selection, decoded and checked.
+
+    Compared and hashed by identity, so that no two requests share a batch key: their
+    vectors and budgets are their own (``serving.merging``).
+    """
+
+    vectors: torch.Tensor | None = None  # [B, m, *in] (hvp, jvp) or [B, m, *out] (vjp)
+    exact: bool | None = None  # diagonal, trace: true, false, or the planner's choice
+    max_products: int | None = None  # diagonal, trace, eigen: products in all
+    max_work: int | None = None  # diagonal, trace: the work bound the plan was made with
+    seed: int = 0
+    k: int = 5  # eigen
+    which: str = "largest"  # eigen: largest | smallest | magnitude
+    tol: float = 1e-6  # eigen
+
+
+@dataclass(frozen=True)
+class OperatorOutcome:
+    """What a matrix-free operator computed, for the response: its named values, each
+    with the batch axis first (``[B, ...]``), the model's output ``[B, *out]``, and the
+    cost in products."""
+
+    values: dict[str, torch.Tensor]  # in the response's order
+    output: torch.Tensor
+    products: int
+    exact: bool
+    method: str
+    converged: bool | None = None
+
+    @property
+    def elements(self) -> int:
+        """Numbers in the response's tensors (how large its body will be)."""
+        return sum(int(v.numel()) for v in self.values.values()) + int(self.output.numel())
+
+
+class OperatorOperation(Operation):
+    """A matrix-free operator of ``engine.operators``: one scalar's Hessian (or the
+    Jacobian) applied to vectors, never formed. Each request is its own batch, and the
+    engine function counts its products in ``selection.progress`` chunk by chunk."""
+
+    axes_per_scalar = 1
+    all_outputs_by_default = False
+    merges = False
+    # Its name in ``engine.operators.plan_operator`` (KINDS).
+    plan_kind: ClassVar[str]
+    # The kind of the engine function the probe chose a path for.
+    probed: ClassVar[DerivativeKind] = DerivativeKind.HESSIAN
+
+    @property
+    def probed_kind(self) -> DerivativeKind:
+        return self.probed
+
+    @property
+    def route(self) -> str:
+        return f"/{self.kind}"
+
+    @staticmethod
+    def operands(selection: Selection) -> Operands:
+        if selection.operands is None:
+            raise ValueError("a matrix-free operator needs its operands in the selection")
+        return selection.operands
+
+    @staticmethod
+    def engine_options(selection: Selection) -> dict[str, Any]:
+        """The keyword arguments every engine operator takes."""
+        return {
+            "output_index": selection.output_index,
+            "objective": selection.objective,
+            "memory_budget_bytes": selection.memory_budget_bytes,
+            "progress": selection.progress,
+        }
+
+    @abstractmethod
+    def compute(self, module: nn.Module, x: torch.Tensor, selection: Selection) -> OperatorOutcome:
+        """Run the engine operator on the batch ``x`` with ``selection.operands``."""
+
+
+class _ProductOperation(OperatorOperation):
+    """``H v``, ``J v`` or ``u^T J`` for m vectors per sample: exact, m products each."""
+
+    request_schema = ProductRequest
+    # The response's name of the products.
+    value_name: ClassVar[str]
+
+    def engine_function(self) -> Any:
+        raise NotImplementedError
+
+    def compute(self, module: nn.Module, x: torch.Tensor, selection: Selection) -> OperatorOutcome:
+        vectors = self.operands(selection).vectors
+        assert vectors is not None  # the request checks decoded them
+        result = self.engine_function()(module, x, vectors, **self.engine_options(selection))
+        return OperatorOutcome(
+            values={self.value_name: result.values},
+            output=result.output,
+            products=result.products,
+            exact=True,
+            method=result.method,
+        )
+
+
+class HvpOperation(_ProductOperation):
+    """``POST /hvp``: Hessian-vector products ``H v``, ``[B, m, *input_shape]``."""
+
+    kind = DerivativeKind.HVP
+    plan_kind = "hvp"
+    value_name = "hvp"
+
+    def engine_function(self) -> Any:
+        return operators.hessian_vector_products
+
+
+class JvpOperation(_ProductOperation):
+    """``POST /jvp``: Jacobian-vector products ``J v``, ``[B, m, *output_shape]`` (every
+    output by default; ``[B, m, k]`` for a list of k indices)."""
+
+    kind = DerivativeKind.JVP
+    plan_kind = "jvp"
+    value_name = "jvp"
+    all_outputs_by_default = True
+    probed = DerivativeKind.JACOBIAN
+
+    def engine_function(self) -> Any:
+        return operators.jacobian_vector_products
+
+
+class VjpOperation(_ProductOperation):
+    """``POST /vjp``: vector-Jacobian products ``u^T J``, ``[B, m, *input_shape]``, for
+    vectors ``u`` over the outputs."""
+
+    kind = DerivativeKind.VJP
+    plan_kind = "vjp"
+    value_name = "vjp"
+    all_outputs_by_default = True
+    probed = DerivativeKind.JACOBIAN
+
+    def engine_function(self) -> Any:
+        return operators.vector_jacobian_products
+
+
+class _EstimateOperation(OperatorOperation):
+    """A diagonal or trace: exact (the graph engine, dense chunks, or HVPs with basis
+    vectors) or a stochastic estimate with its standard error."""
+
+    request_schema = EstimateRequest
+    value_name: ClassVar[str]
+
+    def engine_function(self) -> Any:
+        raise NotImplementedError
+
+    def compute(self, module: nn.Module, x: torch.Tensor, selection: Selection) -> OperatorOutcome:
+        operands = self.operands(selection)
+        result = self.engine_function()(
+            module,
+            x,
+            exact=operands.exact,
+            max_products=operands.max_products,
+            max_work=operands.max_work,
+            seed=operands.seed,
+            **self.engine_options(selection),
+        )
+        values = {self.value_name: result.values}
+        if result.standard_error is not None:
+            values["standard_error"] = result.standard_error
+        return OperatorOutcome(
+            values=values,
+            output=result.output,
+            products=result.products,
+            exact=result.exact,
+            method=result.method,
+        )
+
+
+class DiagonalOperation(_EstimateOperation):
+    """``POST /hessian/diagonal``: the Hessian's diagonal, ``[B, *input_shape]``."""
+
+    kind = DerivativeKind.HESSIAN_DIAGONAL
+    plan_kind = "diagonal"
+    value_name = "diagonal"
+
+    def engine_function(self) -> Any:
+        return operators.hessian_diagonal
+
+
+class TraceOperation(_EstimateOperation):
+    """``POST /hessian/trace``: the Hessian's trace (the Laplacian), ``[B]``."""
+
+    kind = DerivativeKind.HESSIAN_TRACE
+    plan_kind = "trace"
+    value_name = "trace"
+
+    def engine_function(self) -> Any:
+        return operators.hessian_trace
+
+
+class EigenOperation(OperatorOperation):
+    """``POST /hessian/eigen``: k eigenpairs by Lanczos on Hessian-vector products."""
+
+    kind = DerivativeKind.HESSIAN_EIGEN
+    plan_kind = "eigen"
+    request_schema = EigenRequest
+
+    def compute(self, module: nn.Module, x: torch.Tensor, selection: Selection) -> OperatorOutcome:
+        operands = self.operands(selection)
+        result = operators.hessian_eigen(
+            module,
+            x,
+            k=operands.k,
+            which=operands.which,
+            tol=operands.tol,
+            max_products=operands.max_products,
+            seed=operands.seed,
+            **self.engine_options(selection),
+        )
+        return OperatorOutcome(
+            values={
+                "eigenvalues": result.values,
+                "eigenvectors": result.vectors,
+                "residuals": result.residuals,
+            },
+            output=result.output,
+            products=result.products,
+            exact=False,
+            method="lanczos",
+            converged=result.converged,
+        )
+
+
 OPERATIONS: dict[DerivativeKind, Operation] = {
-    operation.kind: operation for operation in (JacobianOperation(), HessianOperation())
+    operation.kind: operation
+    for operation in (
+        JacobianOperation(),
+        HessianOperation(),
+        HvpOperation(),
+        JvpOperation(),
+        VjpOperation(),
+        DiagonalOperation(),
+        TraceOperation(),
+        EigenOperation(),
+    )
 }
 
 

@@ -34,6 +34,7 @@ from hessian_service.wire.schemas import (
     DerivativeRequest,
     LogSoftmaxObjective,
     MseObjective,
+    SampleRequest,
     SumObjective,
     TensorObject,
 )
@@ -304,7 +305,7 @@ def _classes(spec: CrossEntropyObjective, outputs: int, batch: int) -> torch.Ten
     return torch.tensor(classes, dtype=torch.long)
 
 
-def engine_objective(request: DerivativeRequest, outputs: int, batch: int) -> Objective | None:
+def engine_objective(request: SampleRequest, outputs: int, batch: int) -> Objective | None:
     """The request's objective (a wire spec) as the engine's ``Objective``, checked against
     the model's ``outputs`` and the request's ``batch``; None for an output selection."""
     spec = request.objective

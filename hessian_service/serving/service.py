@@ -24,10 +24,10 @@ import torch
 from hessian_service.config import Settings
 from hessian_service.engine import DerivativeKind, DerivativeResult
 from hessian_service.engine.progress import NO_PROGRESS, Progress
-from hessian_service.errors import ClientClosedRequest, Overloaded, Timeout
+from hessian_service.errors import ClientClosedRequest, Overloaded, Timeout, TooLarge
 from hessian_service.metrics import Metrics, current_timing
 from hessian_service.repository.registry import Registry
-from hessian_service.serving import merging, response
+from hessian_service.serving import merging, planning, response
 from hessian_service.serving.batching import (
     Abandoned,
     Batcher,
@@ -35,13 +35,29 @@ from hessian_service.serving.batching import (
     DeadlineExceeded,
     QueueFull,
 )
-from hessian_service.serving.operations import Selection, operation_for
+from hessian_service.serving.operations import (
+    OperatorOperation,
+    OperatorOutcome,
+    Selection,
+    operation_for,
+)
+from hessian_service.serving.operator_request import (
+    OperatorLimits,
+    Prepared,
+    PreparedOperator,
+    prepare_operator,
+)
+from hessian_service.serving.operator_response import describe_operator
 from hessian_service.serving.request import PreparedRequest, RequestLimits
 from hessian_service.serving.request import prepare as prepare_request
 from hessian_service.wire import codec
 from hessian_service.wire.binary import Encoded
 from hessian_service.wire.json_body import INLINE_BODY_BYTES
+from hessian_service.wire.operator_schemas import OperatorRequest
 from hessian_service.wire.schemas import DerivativeRequest
+
+# What one request computes: a dense derivative, or an operator's values.
+Computed = DerivativeResult | OperatorOutcome
 
 # Requests whose input and result have at most this many elements are decoded and encoded
 # on the event loop: for them a hop to a worker thread costs more than the work (about
@@ -67,8 +83,23 @@ class DerivativeService:
             max_result_bytes=settings.max_result_bytes,
             max_work=settings.max_work_per_request,
         )
+        self.operator_limits = OperatorLimits(
+            max_vectors=settings.max_operator_vectors,
+            max_products=settings.max_operator_products,
+            max_eigen_k=settings.max_eigen_k,
+            min_eigen_tol=settings.min_eigen_tol,
+            memory_budget_bytes=settings.memory_budget_bytes,
+        )
+        self.budget = planning.Budget(
+            max_result_bytes=settings.max_result_bytes,
+            max_work=settings.max_work_per_request,
+            max_products=settings.max_operator_products,
+            memory_budget_bytes=settings.memory_budget_bytes,
+        )
         self.metrics = metrics
-        self.batcher: Batcher[PreparedRequest, tuple[DerivativeResult, float]] = Batcher(
+        # Dense requests and operators share one queue and one worker (the 503 and 504
+        # limits hold for both); an operator is always a batch of its own.
+        self.batcher: Batcher[Prepared, tuple[Computed, float]] = Batcher(
             self.compute_batch,
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_batch_delay_ms / 1000.0,
@@ -81,27 +112,44 @@ class DerivativeService:
     def close(self) -> None:
         self.batcher.close()
 
-    def prepare(self, kind: DerivativeKind | str, request: DerivativeRequest) -> PreparedRequest:
+    def prepare(
+        self, kind: DerivativeKind | str, request: DerivativeRequest | OperatorRequest
+    ) -> Prepared:
         """Look the model up, then decode and check the request against it
-        (``serving.request``); raise a ``ServiceError`` before any work."""
-        return prepare_request(
-            operation_for(kind), request, self.registry.get(request.model), self.limits
-        )
+        (``serving.request``, ``serving.operator_request``); raise a ``ServiceError``
+        before any work."""
+        operation = operation_for(kind)
+        model = self.registry.get(request.model)
+        if isinstance(operation, OperatorOperation):
+            if not isinstance(request, OperatorRequest):
+                raise TypeError(f"/{kind} takes an OperatorRequest")
+            return prepare_operator(operation, request, model, self.limits, self.operator_limits)
+        if not isinstance(request, DerivativeRequest):
+            raise TypeError(f"/{kind} takes a DerivativeRequest")
+        try:
+            return prepare_request(operation, request, model, self.limits)
+        except TooLarge as error:
+            if operation.axes_per_scalar != 2:
+                raise
+            # A Hessian too large to send: name the operations that would fit instead.
+            raise planning.advise(error, request, model, self.budget) from None
 
-    def selection(self, prepared: PreparedRequest, progress: Progress = NO_PROGRESS) -> Selection:
+    def selection(self, prepared: Prepared, progress: Progress = NO_PROGRESS) -> Selection:
         """What the engine is asked for ``prepared``; ``progress`` counts its products and
         carries a job's cancel flag (``serving.jobs``), nothing for a plain request."""
         return Selection(
             output_index=prepared.output_index,
             objective=prepared.objective,
-            method=prepared.model.method(prepared.kind),  # chosen by the load-time probe
+            # chosen by the load-time probe
+            method=prepared.model.method(prepared.operation.probed_kind),
             memory_budget_bytes=self.settings.memory_budget_bytes,
             progress=progress,
+            operands=prepared.operands if isinstance(prepared, PreparedOperator) else None,
         )
 
     def compute(
-        self, prepared: PreparedRequest, progress: Progress = NO_PROGRESS
-    ) -> tuple[DerivativeResult, float]:
+        self, prepared: Prepared, progress: Progress = NO_PROGRESS
+    ) -> tuple[Computed, float]:
         """Run the engine; returns the result and the compute time in milliseconds."""
         module = prepared.model.for_dtype(prepared.x.dtype)
         start = time.perf_counter()
@@ -112,12 +160,16 @@ class DerivativeService:
         return result, (time.perf_counter() - start) * 1000.0
 
     def compute_batch(
-        self, _key: Hashable, batch: list[PreparedRequest]
-    ) -> Sequence[tuple[DerivativeResult, float]]:
+        self, _key: Hashable, batch: list[Prepared]
+    ) -> Sequence[tuple[Computed, float]]:
         """Compute requests that share a batch key as one, and give each its own slice."""
-        result, compute_ms = self.compute(merging.merge(batch))
         if len(batch) == 1:
-            return [(result, compute_ms)]
+            return [self.compute(batch[0])]
+        # Only dense requests share a key (an operator's is its own: merging.batch_key).
+        result, compute_ms = self.compute(
+            merging.merge([p for p in batch if isinstance(p, PreparedRequest)])
+        )
+        assert isinstance(result, DerivativeResult)
         sizes = [int(prepared.x.shape[0]) for prepared in batch]
         return [(part, compute_ms) for part in merging.split(result, sizes)]
 
@@ -135,10 +187,10 @@ class DerivativeService:
 
     async def _compute_queued(
         self,
-        prepared: PreparedRequest,
+        prepared: Prepared,
         timeout_s: float,
         disconnected: Callable[[], Awaitable[bool]] | None,
-    ) -> tuple[DerivativeResult, float, float]:
+    ) -> tuple[Computed, float, float]:
         """Through the batcher: (result, queue ms, compute ms), or 503 / 504 / 499."""
         try:
             outcome = await self.batcher.submit(
@@ -170,16 +222,19 @@ class DerivativeService:
         result, compute_ms = outcome.result
         return result, outcome.queue_s * 1000.0, compute_ms
 
-    def describe(
-        self, prepared: PreparedRequest, result: DerivativeResult, compute_ms: float
-    ) -> dict[str, Any]:
-        """The response body: the matrix, the model output, and the metadata."""
+    def describe(self, prepared: Prepared, result: Computed, compute_ms: float) -> dict[str, Any]:
+        """The response body: the matrix (or an operator's values), the model output, and
+        the metadata."""
+        if isinstance(prepared, PreparedOperator):
+            assert isinstance(result, OperatorOutcome)
+            return describe_operator(prepared, result, compute_ms)
+        assert isinstance(result, DerivativeResult)
         return response.describe(prepared, result, compute_ms)
 
     async def run(
         self,
         kind: DerivativeKind | str,
-        request: DerivativeRequest,
+        request: DerivativeRequest | OperatorRequest,
         *,
         disconnected: Callable[[], Awaitable[bool]] | None = None,
         body_bytes: int = 0,
@@ -204,6 +259,14 @@ class DerivativeService:
         result, queue_ms, compute_ms = await self._compute_queued(prepared, left, disconnected)
         if timing is not None:
             timing.queue_ms, timing.compute_ms = queue_ms, compute_ms
+        if isinstance(result, OperatorOutcome):
+            if result.elements <= INLINE_ELEMENTS:
+                return codec.encode_body(
+                    self.describe(prepared, result, compute_ms), request.encoding
+                )
+            body = await anyio.to_thread.run_sync(self.describe, prepared, result, compute_ms)
+            return await anyio.to_thread.run_sync(codec.encode_body, body, request.encoding)
+        assert isinstance(prepared, PreparedRequest)
         if request.encoding == "png":  # a picture, not a body; drawn off the loop when large
             if result.matrix.numel() <= INLINE_ELEMENTS:
                 return response.picture(prepared, result)

@@ -79,8 +79,10 @@ ObjectiveSpec = Annotated[
 ]
 
 
-class DerivativeRequest(_Strict):
-    """Body of ``POST /jacobian`` and ``POST /hessian``."""
+class SampleRequest(_Strict):
+    """What every derivative request names: the model, its input, and the scalar(s) to
+    derive (``DerivativeRequest`` for the dense matrices, ``OperatorRequest`` for the
+    matrix-free operators)."""
 
     model: str = Field(
         ...,
@@ -104,6 +106,11 @@ class DerivativeRequest(_Strict):
     objective: ObjectiveSpec | None = Field(
         None, description="A scalar built on the output, replacing output_index."
     )
+
+
+class DerivativeRequest(SampleRequest):
+    """Body of ``POST /jacobian`` and ``POST /hessian``."""
+
     encoding: Literal["json", "base64", "binary", "png"] = Field(
         "json",
         description="How result tensors' `data` is written: json numbers, base64 of the "

@@ -27,7 +27,16 @@ from hessian_service.serving.operations import OPERATIONS, operation_for
 
 
 def test_enum_values_are_the_wire_strings() -> None:
-    assert [str(kind) for kind in DerivativeKind] == ["jacobian", "hessian"]
+    assert [str(kind) for kind in DerivativeKind] == [
+        "jacobian",
+        "hessian",
+        "hvp",
+        "jvp",
+        "vjp",
+        "hessian/diagonal",
+        "hessian/trace",
+        "hessian/eigen",
+    ]
     assert [str(path) for path in EnginePath] == [
         "auto",
         "structured",
