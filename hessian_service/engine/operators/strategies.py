@@ -126,7 +126,7 @@ def dense(problem: Problem) -> Estimate | Declined:
     generic path) and their diagonals: exact, and the fastest when ``n x n`` fits."""
     method, why = problem.exact_method()
     if method != "dense":
-        return Declined(f"dense: {why or 'one dense Hessian is over the budget'}")
+        return Declined(why or "the HVP basis applies (a dense Hessian is over the budget)")
     setup = problem.setup
     batch, n = setup.batch, setup.n
     chunk = plans.dense_sample_chunk(n, batch, setup.itemsize, problem.memory_budget_bytes)
@@ -162,7 +162,7 @@ def hvp_basis(problem: Problem) -> Estimate | Declined:
     sample, never more than one chunk of them in memory."""
     method, why = problem.exact_method()
     if method != "hvp-basis":
-        return Declined(f"hvp-basis: {why or 'the dense strategy applies'}")
+        return Declined(why or "the dense strategy applies")
     setup = problem.setup
     batch, n = setup.batch, setup.n
     operator = problem.operator()
@@ -259,7 +259,8 @@ def run(problem: Problem, strategies: Sequence[Strategy], api_name: str) -> Esti
         found = strategy(problem)
         if isinstance(found, Estimate):
             return found
-        reasons.append(found.reason)
+        if found.reason not in reasons:  # the exact strategies share one rule's reason
+            reasons.append(found.reason)
     setup = problem.setup
     asked = "exact=true" if problem.exact else "this request"
     raise OperatorTooLarge(
