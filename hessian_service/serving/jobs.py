@@ -200,7 +200,9 @@ class Job:
     result: StoredResult | None = None  # in memory (None in a job folder: on disk)
     result_bytes: int | None = None
     header_length: int | None = None
-    prepared: PreparedRequest | None = field(default=None, repr=False)  # dropped once run
+    # What DerivativeService.prepare gave (a dense PreparedRequest, or an operator's
+    # prepared request); dropped once the job ran.
+    prepared: Any = field(default=None, repr=False)
     cancel_requested: bool = False
 
     def snapshot(self) -> ProgressSnapshot:
@@ -398,6 +400,7 @@ class JobStore:
                 f"not {encoding!r} (ask the endpoint itself for a png picture)",
                 field="request.encoding",
             )
+        prepared: Any  # a PreparedRequest, or an operator's prepared request
         try:
             prepared = self.service.prepare(operation.kind, request)  # type: ignore[arg-type]
         except ServiceError as exc:
@@ -545,6 +548,7 @@ class JobStore:
     def _run(self, job: Job) -> None:
         prepared, progress = job.prepared, job.progress
         assert prepared is not None and progress is not None
+        result: Any  # a DerivativeResult, or an operator's outcome
         try:
             if prepared.operation.chunks_by_sample:
                 result, compute_ms = self._compute_by_samples(prepared, progress)
@@ -590,6 +594,7 @@ class JobStore:
             progress.check()
             stop = min(batch, start + step)
             part, chunk_ms = self.service.compute(sample_slice(prepared, start, stop))
+            assert isinstance(part, DerivativeResult)  # a dense kind's
             parts.append(part)
             compute_ms += chunk_ms
             progress.advance((stop - start) * per_sample)

@@ -73,7 +73,9 @@ def _timed(http: httpx.Client, path: str, body: dict[str, Any]) -> float:
     return time.perf_counter() - start
 
 
-def _wait_state(http: httpx.Client, job_id: str, states: set[str], limit_s: float) -> dict[str, Any]:
+def _wait_state(
+    http: httpx.Client, job_id: str, states: set[str], limit_s: float
+) -> dict[str, Any]:
     deadline = time.monotonic() + limit_s
     while True:
         status: dict[str, Any] = http.get(f"/jobs/{job_id}").json()
@@ -186,9 +188,7 @@ def test_completed_job_equals_the_direct_answer_in_json_and_binary(http: httpx.C
         np.testing.assert_allclose(ours["output"], theirs["output"], rtol=1e-12)
 
 
-def test_client_wait_shows_rising_progress(
-    server: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_client_wait_shows_rising_progress(server: str, capsys: pytest.CaptureFixture[str]) -> None:
     with Client(server, trust_env=False) as client:
         job = client.submit("/hessian", model="digits_cnn", x=_digits(12, 4), output_index=1)
         status = job.wait(timeout=60, poll_s=0.02)
@@ -208,9 +208,11 @@ def test_cli_job_flag_saves_the_result(server: str, tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", x)
     out = tmp_path / "h.npy"
     done = subprocess.run(
-        [sys.executable, "-m", "hessian_service.cli", "hessian", "--model", "quadratic4"]
-        + ["--input", str(tmp_path / "x.npy"), "--output-index", "3", "--out", str(out)]
-        + ["--job", "--url", server],
+        [
+            *(sys.executable, "-m", "hessian_service.cli", "hessian", "--model", "quadratic4"),
+            *("--input", str(tmp_path / "x.npy"), "--output-index", "3", "--out", str(out)),
+            *("--job", "--url", server),
+        ],
         capture_output=True,
         text=True,
         timeout=60,

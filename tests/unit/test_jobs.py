@@ -36,6 +36,7 @@ from hessian_service.serving.jobs import (
     job_operation,
 )
 from hessian_service.serving.operations import operation_for
+from hessian_service.serving.request import PreparedRequest
 from hessian_service.serving.service import DerivativeService
 from hessian_service.wire import codec
 from hessian_service.wire.binary import HEADER_LENGTH
@@ -155,6 +156,7 @@ def test_result_in_every_encoding_equals_the_endpoint_body(
     job = _wait(store, store.submit(HESSIAN, request))
     assert job.state is JobState.SUCCEEDED
     prepared = service.prepare("hessian", request)
+    assert isinstance(prepared, PreparedRequest)
     for encoding in ("json", "base64", "binary"):
         direct_request = prepared.request.model_copy(update={"encoding": encoding})
         result, ms = service.compute(prepared)
