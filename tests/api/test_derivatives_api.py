@@ -213,9 +213,16 @@ def test_unknown_route_is_a_problem(client: TestClient) -> None:
 def test_models_and_health(client: TestClient) -> None:
     assert client.get("/health/live").json()["status"] == "ok"
     ready = client.get("/health/ready")
-    assert ready.status_code == 200 and ready.json()["models_loaded"] == 5
+    assert ready.status_code == 200 and ready.json()["models_loaded"] == 6
     listed = {m["name"]: m for m in client.get("/models").json()["models"]}
-    assert set(listed) == {"linear4", "quadratic4", "mlp_tanh", "mlp_relu", "digits_cnn"}
+    assert set(listed) == {
+        "linear4",
+        "quadratic4",
+        "mlp_tanh",
+        "mlp_relu",
+        "digits_cnn",
+        "photo_digits_cnn",
+    }
     assert listed["linear4"]["curvature"] == "affine"
     assert listed["mlp_relu"]["curvature"] == "piecewise_linear"
     cnn = client.get("/models/digits_cnn").json()

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 def test_a_started_server_answers_and_is_stopped_on_exit() -> None:
     with local_server({"HESSIAN_DEVICE": "cpu"}, cwd=ROOT) as url:
         ready = httpx.get(f"{url}/health/ready", trust_env=False, timeout=10).json()
-        assert ready["status"] == "ok" and ready["models_loaded"] == 5
+        assert ready["status"] == "ok" and ready["models_loaded"] == 6
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health/live", trust_env=False, timeout=2)
 

@@ -36,7 +36,14 @@ from tests.e2e.conftest import ROOT
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TORCH_PIN = "torch==2.13.0"  # the Makefile's TORCH_VERSION: a CPU build, not CUDA's
-BUNDLED_MODELS = ["digits_cnn", "linear4", "mlp_relu", "mlp_tanh", "quadratic4"]
+BUNDLED_MODELS = [
+    "digits_cnn",
+    "linear4",
+    "mlp_relu",
+    "mlp_tanh",
+    "photo_digits_cnn",
+    "quadratic4",
+]
 # quadratic4 at x = 2 * ones(4), output_index 2: diag(0, 0, 4, 0), as README's curl block.
 QUADRATIC4_HESSIAN_2 = [0.0] * 10 + [4.0] + [0.0] * 5
 QUICK_START_URL = "http://127.0.0.1:8000"
@@ -214,6 +221,7 @@ def test_the_wheels_hold_what_they_need(wheels: dict[str, Path]) -> None:
     for name in BUNDLED_MODELS:
         assert {f"{models}/{name}/manifest.json", f"{models}/{name}/weights.safetensors"} <= server
     assert f"{models}/digits_sample.json" in server
+    assert f"{models}/photo_digits_sample.json" in server
     client_files = {
         f"hessian_client/{name}"
         for name in ("__init__.py", "client.py", "bulk.py", "_arrays.py", "py.typed")

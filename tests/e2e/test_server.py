@@ -23,7 +23,7 @@ from tests.e2e.conftest import LIMITED_MAX_BODY_BYTES, LIMITED_MAX_RESULT_BYTES
 
 pytestmark = pytest.mark.e2e
 
-MODELS = {"linear4", "quadratic4", "mlp_tanh", "mlp_relu", "digits_cnn"}
+MODELS = {"linear4", "quadratic4", "mlp_tanh", "mlp_relu", "digits_cnn", "photo_digits_cnn"}
 PROBLEM = "application/problem+json"
 NUMPY_DTYPES = {"FP32": "<f4", "FP64": "<f8"}
 
@@ -88,15 +88,15 @@ def problem(response: httpx.Response, status: int, *in_detail: str) -> dict[str,
 def test_health(client: httpx.Client, path: str) -> None:
     response = client.get(path)
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "models_loaded": 5, "models_failed": 0}
+    assert response.json() == {"status": "ok", "models_loaded": len(MODELS), "models_failed": 0}
 
 
-def test_models_lists_the_five_bundled_models(client: httpx.Client) -> None:
+def test_models_lists_the_six_bundled_models(client: httpx.Client) -> None:
     response = client.get("/models")
     assert response.status_code == 200
     models = response.json()["models"]
     assert {m["name"] for m in models} == MODELS
-    assert len(models) == 5
+    assert len(models) == len(MODELS) == 6
     assert all(m["ready"] and m["error"] is None and m["device"] == "cpu" for m in models)
     curvature = {m["name"]: m["curvature"] for m in models}
     assert curvature["linear4"] == "affine"
