@@ -308,6 +308,18 @@ class Problem(BaseModel):
         None, description="413: the body's bytes outside JSON strings, as counted."
     )
     setting: str | None = Field(None, description="413: the setting that holds the limit.")
+    estimated_products: int | None = Field(
+        None, description="413 from an operator: the products the request would compute."
+    )
+    limit_products: int | None = Field(
+        None, description="413: the product limit (HESSIAN_MAX_OPERATOR_PRODUCTS)."
+    )
+    alternatives: list[dict[str, Any]] | None = Field(
+        None,
+        description="413 for a dense Hessian: the operations that would fit, each with "
+        "`route`, `ask` (what to send), `estimated_bytes` (its result), "
+        "`estimated_products` and `method`.",
+    )
     retry_after_s: int | None = Field(None, description="503 Overloaded: retry after.")
     failed: list[FailedModelInfo] | None = Field(
         None, description="503 from /health/ready: the model folders that failed to load."
