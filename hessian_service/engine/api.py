@@ -23,6 +23,7 @@ from torch.jit._fuser import optimized_execution
 
 from hessian_service.engine import generic, rowloop, structured
 from hessian_service.engine.graph import cache as graph_cache
+from hessian_service.engine.graph import compiled as graph_compiled
 from hessian_service.engine.graph import direct as graph_direct
 from hessian_service.engine.graph import hessian as graph_hessian
 from hessian_service.engine.graph import laplacian as graph_laplacian
@@ -349,6 +350,7 @@ def graph_second_order(
     objective: Objective | None = None,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     progress: Progress = NO_PROGRESS,
+    compile_after: int = 0,
 ) -> SecondOrder | None:
     """The exact diagonal (or trace) of the input Hessian of one selected scalar, by the
     graph engine's forward-Laplacian pass (``graph/laplacian.py``): no matrix and no
@@ -359,6 +361,10 @@ def graph_second_order(
     plus one for a trace), as many as fit ``memory_budget_bytes`` for a chunk of samples.
     ``progress`` advances by the input columns done per sample, under ``AUTODIFF_LOCK``
     one chunk at a time, so that other work interleaves and a cancel stops it.
+
+    ``compile_after``: when positive, a single-pass call (all columns and samples fit
+    at once) whose shape was asked for that many times is compiled by ``torch.compile``
+    in the background and then runs compiled (``graph/compiled.py``); 0 never compiles.
     """
     _check_input("hessian", model, x)
     if isinstance(output_index, list):
@@ -387,6 +393,16 @@ def graph_second_order(
     values: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
     passes = 0
+    if compile_after > 0 and columns >= n and samples >= batch:
+        progress.check()
+        with AUTODIFF_LOCK:
+            value, flat = graph_compiled.second_order(
+                found, x, targets, trace=trace, compile_after=compile_after
+            )
+        progress.advance(batch * n)
+        values_all = value[:, 0] if trace else value[:, 0].reshape(x.shape)
+        output = _shaped_output(model, x, flat)
+        return SecondOrder(values_all, output, n, 1, "graph:forward-laplacian")
     for start in range(0, batch, samples):
         xs, ts = x[start : start + samples], targets[start : start + samples]
         progress.check()

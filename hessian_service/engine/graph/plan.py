@@ -60,6 +60,9 @@ class GraphPlan:
     affine_prefix: bool = False  # everything before the cut is affine: J_c is constant
     constant_cut_jacobian: torch.Tensor | None = None  # [m, n], filled on first use
     direct_reason: str | None = None  # why the direct executor cannot run it (None: it can)
+    # Forward-Laplacian passes by input shape, dtype, device and kind: calls seen, and the
+    # compiled graph once compiled (graph/compiled.py); dies with the plan.
+    compiled_passes: dict[object, object] = field(default_factory=dict)
 
     @property
     def is_zero(self) -> bool:
