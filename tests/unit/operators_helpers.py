@@ -29,7 +29,8 @@ def scalar_of(model: nn.Module, shape: tuple[int, ...], index: int) -> Callable[
     """One sample's flat inputs -> raw output ``index`` (the reference's scalar)."""
 
     def scalar(flat: torch.Tensor) -> torch.Tensor:
-        return model(flat.reshape(1, *shape)).reshape(-1)[index]
+        value: torch.Tensor = model(flat.reshape(1, *shape)).reshape(-1)[index]
+        return value
 
     return scalar
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.architectures import by_name
-from hessian_service.engine import Objective
+from hessian_service.engine import Objective, ObjectiveKind
 from hessian_service.engine import operators as ops
 from hessian_service.engine.progress import Progress
 from tests.unit.operators_helpers import bundled, dense_hessians, one_thread, relative
@@ -72,7 +72,7 @@ def test_hvp_of_an_objective_per_sample_targets() -> None:
     targets = torch.tensor([4, 7])
     vectors = torch.randn(2, 2, *x.shape[1:], dtype=torch.float64)
     result = ops.hessian_vector_products(
-        model, x, vectors, objective=Objective("cross_entropy", target=targets)
+        model, x, vectors, objective=Objective(ObjectiveKind.CROSS_ENTROPY, target=targets)
     )
     for b in range(2):
 
@@ -155,4 +155,4 @@ def test_vectors_of_the_wrong_shape_are_refused_before_work() -> None:
             model, x, torch.zeros(2, 3, 15, dtype=torch.float64), output_index=index
         )
     with pytest.raises(ValueError, match="output_index must be one int"):
-        ops.hessian_vector_products(model, x, torch.zeros(2, 1, 16), output_index=[0, 1])
+        ops.hessian_vector_products(model, x, torch.zeros(2, 1, 16), output_index=[0, 1])  # type: ignore[arg-type]
