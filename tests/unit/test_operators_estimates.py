@@ -12,7 +12,7 @@ vectors, so its estimate is an independent run; one call per seed keeps the test
   are within 3 of their own standard errors (plus 1e-12 for entries whose variance is
   zero); at least 95 of the 100 runs cover;
 - Hutch++ against Hutchinson's trace at the same 30 products on a Hessian with a
-  decaying spectrum (a narrow hidden layer): mean absolute error over the 100 seeds at
+  decaying spectrum (a 16-wide first layer): mean absolute error over the 100 seeds at
   least 3x smaller.
 """
 
@@ -106,7 +106,9 @@ def test_stochastic_trace_and_diagonal_fall_within_three_standard_errors() -> No
 
 
 def test_hutchpp_beats_hutchinson_at_the_same_product_count() -> None:
-    model = _mlp((32, 6, 32, 1), seed=2)  # a 6-wide bottleneck: a fast-decaying spectrum
+    # A 16-wide first layer: rank <= 16, more than Hutch++'s 10-column sketch (so it is
+    # not exact), with a decaying spectrum. Measured: mean errors 0.0102 against 0.0732.
+    model = _mlp((32, 16, 32, 1), seed=2)
     sample = torch.randn(1, 32, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     x = sample.expand(COPIES, 32)
     exact = torch.diagonal(dense_hessians(model, sample, 0)[0]).sum()
