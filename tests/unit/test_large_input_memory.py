@@ -181,7 +181,7 @@ def test_trace_within_the_budget_agrees_with_the_exact_diagonal() -> None:
     assert isinstance(exact, float)
     value, error = report["value"], report["standard_error"]
     assert isinstance(value, float) and isinstance(error, float)
-    assert 0 < error and abs(value - exact) <= 4 * error, (value, exact, error)
+    assert error > 0 and abs(value - exact) <= 4 * error, (value, exact, error)
 
 
 @pytest.mark.slow
