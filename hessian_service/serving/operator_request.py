@@ -13,6 +13,7 @@ decoded.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -110,7 +111,8 @@ def prepare_operator(
     activations = workload.activation_elements(
         model.module, tuple(manifest.input_shape), PRECISIONS[manifest.dtype], model.device
     )
-    plan = plan_operator(
+    planned = functools.partial(
+        plan_operator,
         operation.plan_kind,
         n=n,
         batch=batch,
@@ -121,9 +123,17 @@ def prepare_operator(
         outputs=_selected_outputs(request, outputs),
         k=request.k if isinstance(request, EigenRequest) else 5,
         exact=request.exact if isinstance(request, EstimateRequest) else None,
-        max_products=_max_products(request),
         max_work=limits.max_work if activations is not None else None,
     )
+    max_products = _max_products(request)
+    plan = planned(max_products=max_products)
+    if not plan.fits and max_products is not None and planned().fits:
+        # Not too large: too small a budget for any answer (the plan without it fits).
+        raise InvalidInput(
+            f"max_products: {max_products} is too few for this {operation.route} request: "
+            f"{plan.reason}",
+            field="max_products",
+        )
     _check_plan(operation, request, plan, batch, m, activations, limits, operator_limits)
     max_work = limits.max_work if activations is not None else None
     objective = engine_objective(request, outputs, batch)
@@ -152,6 +162,10 @@ def _check_selection(
     """The output selection as ``/hessian`` checks it; a Hessian operator takes one
     scalar: an int index, an objective, or a model's only output."""
     _check_output_index(request.output_index, outputs, max_indices)
+    if request.output_index is not None and request.objective is not None:
+        raise InvalidInput(
+            "output_index: give output_index or objective, not both", field="output_index"
+        )
     if operation.all_outputs_by_default:
         return
     route = operation.route

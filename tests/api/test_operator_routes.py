@@ -316,6 +316,24 @@ QUADRATIC = {"model": "quadratic4", "inputs": [{"name": "x", "shape": [4], "data
         ("/hessian/eigen", {"output_index": 0, "which": "middle"}, "which", ""),
         ("/hessian/trace", {"output_index": 0, "encoding": "png"}, "encoding", ""),
         ("/hessian/trace", {"output_index": 9}, "output_index", "out of range"),
+        (
+            "/hessian/trace",
+            {"output_index": 0, "objective": {"type": "sum"}},
+            "output_index",
+            "not both",
+        ),
+        (
+            "/hessian/diagonal",
+            {"output_index": 1, "exact": False, "max_products": 1},
+            "max_products",
+            "too few",
+        ),
+        (
+            "/hessian/eigen",
+            {"output_index": 1, "k": 3, "max_products": 3},
+            "max_products",
+            "too few",
+        ),
     ],
 )
 def test_refusals_name_the_field(
