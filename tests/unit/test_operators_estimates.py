@@ -26,6 +26,8 @@ from torch import nn
 
 from hessian_service.engine import operators as ops
 from hessian_service.engine.operators import diagonal, estimators, strategies, trace
+from hessian_service.engine.operators.results import Estimate
+from hessian_service.engine.progress import NO_PROGRESS
 from tests.unit.operators_helpers import bundled, dense_hessians, one_thread
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,21 +53,34 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return float((got - want).abs().max()) <= 1e-10 * float(want.abs().max())
 
 
-@pytest.mark.parametrize("budget, method", [(1 << 30, "dense"), (8 << 20, "hvp-basis")])
+@pytest.mark.parametrize(
+    "budget, method", [(1 << 30, "dense"), (8 << 20, "forward-laplacian"), (8 << 20, "hvp-basis")]
+)
 def test_exact_diagonal_and_trace_equal_the_dense_ones(budget: int, method: str) -> None:
+    # 1 GiB: the dense 784x784 Hessian fits and, at n = 784, goes before the graph pass.
     # 8 MiB: one 784x784 float64 Hessian (4.9 MB, twice for the dense strategy) no longer
-    # fits, one product (0.2 MB) does: the HVP-basis strategy.
+    # fits: the forward-Laplacian pass answers; the HVP basis (one product, 0.2 MB, fits)
+    # is what answers for models the graph engine cannot run, called here by itself.
     model = bundled("mlp_tanh")
     x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     hessians = dense_hessians(model, x, 3)
     want = torch.diagonal(hessians, dim1=-2, dim2=-1)
-    got = ops.hessian_diagonal(model, x, output_index=3, memory_budget_bytes=budget)
-    assert (got.method, got.exact, got.standard_error) == (method, True, None)
-    assert got.values.shape == x.shape and got.products == 2 * 784
-    assert _close(got.values.reshape(2, -1), want)
-    total = ops.hessian_trace(model, x, output_index=3, memory_budget_bytes=budget, exact=True)
-    assert (total.method, total.exact) == (method, True)
-    assert _close(total.values, want.sum(-1))
+    for kind, public in (("diagonal", ops.hessian_diagonal), ("trace", ops.hessian_trace)):
+        if method == "hvp-basis":
+            problem = strategies.make_problem(
+                "test", kind, model, x, 3, None, True, None, None, 0, budget, NO_PROGRESS
+            )
+            got = strategies.hvp_basis(problem)
+            assert isinstance(got, Estimate)
+        else:
+            got = public(model, x, output_index=3, memory_budget_bytes=budget, exact=True)
+        assert (got.method, got.exact, got.standard_error) == (method, True, None)
+        assert got.products == 2 * 784
+        if kind == "diagonal":
+            assert got.values.shape == x.shape
+            assert _close(got.values.reshape(2, -1), want)
+        else:
+            assert _close(got.values, want.sum(-1))
 
 
 def test_exact_true_that_does_not_fit_is_a_413_error_naming_the_estimate() -> None:
@@ -80,7 +95,12 @@ def test_exact_true_that_does_not_fit_is_a_413_error_naming_the_estimate() -> No
 
 
 def test_strategies_are_one_ordered_list() -> None:
-    ordered = (strategies.dense, strategies.hvp_basis, strategies.stochastic)
+    ordered = (
+        strategies.forward_laplacian,
+        strategies.dense,
+        strategies.hvp_basis,
+        strategies.stochastic,
+    )
     assert ordered == diagonal.STRATEGIES
     assert trace.STRATEGIES == diagonal.STRATEGIES
 

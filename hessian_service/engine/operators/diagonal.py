@@ -1,11 +1,13 @@
 """The diagonal of each sample's input Hessian: exact where it fits, else estimated.
 
 ``STRATEGIES`` is the policy, tried in order (``strategies.run``): the first that
-accepts answers. A faster exact strategy (the graph engine's forward-Laplacian pass)
-goes in front as one more entry.
+accepts answers. The graph engine's forward-Laplacian pass goes first (exact, the
+cheapest where it runs); ``compile_after`` lets it compile a hot shape (``torch.compile``).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -17,6 +19,7 @@ from hessian_service.engine.planner import DEFAULT_MEMORY_BUDGET_BYTES
 from hessian_service.engine.progress import NO_PROGRESS, Progress
 
 STRATEGIES: tuple[strategies.Strategy, ...] = (
+    strategies.forward_laplacian,  # exact: the graph engine's pass, no matrix, no HVPs
     strategies.dense,  # exact: B n x n matrices in chunks of samples, when one fits
     strategies.hvp_basis,  # exact: n HVPs on basis vectors per sample
     strategies.stochastic,  # Hutchinson: mean of v * Hv, with its standard error
@@ -35,6 +38,7 @@ def hessian_diagonal(
     seed: int = 0,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     progress: Progress = NO_PROGRESS,
+    compile_after: int = 0,
 ) -> Estimate:
     """``diag(H)`` of one selected scalar per sample: ``values [B, *in]``.
 
@@ -45,7 +49,7 @@ def hessian_diagonal(
     measure; without ``max_products`` the basis is used up to
     ``plan.AUTO_EXACT_PRODUCTS`` products), else the estimate.
     """
-    return strategies.run(
+    problem = replace(
         strategies.make_problem(
             "hessian_diagonal",
             "diagonal",
@@ -60,6 +64,10 @@ def hessian_diagonal(
             memory_budget_bytes,
             progress,
         ),
+        compile_after=compile_after,
+    )
+    return strategies.run(
+        problem,
         STRATEGIES,
         "hessian_diagonal",
     )

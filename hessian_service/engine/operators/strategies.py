@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hessian_service.engine.api import compute_hessian
+from hessian_service.engine.api import compute_hessian, graph_second_order
 from hessian_service.engine.objectives import Objective
 from hessian_service.engine.operators import estimators
 from hessian_service.engine.operators import plan as plans
@@ -42,6 +42,7 @@ class Problem:
     seed: int
     memory_budget_bytes: int
     progress: Progress
+    compile_after: int = 0  # the forward-Laplacian pass: compile a shape asked this often
 
     def reduce(self, diagonals: torch.Tensor) -> torch.Tensor:
         """Flat diagonals ``[b, n]`` -> this problem's values (``[b, *in]`` or ``[b]``)."""
@@ -119,6 +120,46 @@ class Declined:
 
 
 Strategy = Callable[[Problem], Estimate | Declined]
+
+
+# Up to this many inputs the forward-Laplacian pass goes first even where a dense Hessian
+# fits: it carries n (+1) columns where the matrix has n^2 entries (PINN, 2 inputs, 4096
+# points: about 2x torch.func eagerly). Past it, a dense matrix that fits is as fast.
+FORWARD_LAPLACIAN_BEFORE_DENSE_N = 64
+
+
+def forward_laplacian(problem: Problem) -> Estimate | Declined:
+    """The graph engine's forward-Laplacian pass (``engine.graph_second_order``): exact,
+    no matrix and no HVPs; ``n`` input columns per sample (counted as ``n`` products),
+    under the same work and product limits as the other exact strategies."""
+    method, why = problem.exact_method()
+    if method is None:
+        return Declined(why)
+    setup = problem.setup
+    if method == "dense" and setup.n > FORWARD_LAPLACIAN_BEFORE_DENSE_N:
+        return Declined("the dense Hessian fits and is as fast at this size")
+    found = graph_second_order(
+        problem.model,
+        problem.x,
+        trace=problem.kind == "trace",
+        output_index=problem.output_index,
+        objective=problem.objective,
+        memory_budget_bytes=problem.memory_budget_bytes,
+        progress=problem.progress,
+        compile_after=problem.compile_after,
+    )
+    if found is None:
+        return Declined("forward Laplacian: the graph engine cannot run this model")
+    values = found.values if problem.kind == "trace" else found.values.reshape(problem.x.shape)
+    return Estimate(
+        values=values,
+        standard_error=None,
+        exact=True,
+        products=setup.batch * setup.n,
+        method="forward-laplacian",
+        seed=problem.seed,
+        output=found.output,
+    )
 
 
 def dense(problem: Problem) -> Estimate | Declined:

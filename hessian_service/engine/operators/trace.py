@@ -2,11 +2,13 @@
 Hutch++.
 
 ``STRATEGIES`` is the policy, tried in order (``strategies.run``): the first that
-accepts answers. A faster exact strategy (the graph engine's forward-Laplacian pass)
-goes in front as one more entry.
+accepts answers. The graph engine's forward-Laplacian pass goes first (exact, the
+cheapest where it runs); ``compile_after`` lets it compile a hot shape (``torch.compile``).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -18,6 +20,7 @@ from hessian_service.engine.planner import DEFAULT_MEMORY_BUDGET_BYTES
 from hessian_service.engine.progress import NO_PROGRESS, Progress
 
 STRATEGIES: tuple[strategies.Strategy, ...] = (
+    strategies.forward_laplacian,  # exact: the graph engine's pass, no matrix, no HVPs
     strategies.dense,  # exact: B n x n matrices in chunks of samples, when one fits
     strategies.hvp_basis,  # exact: n HVPs on basis vectors per sample
     strategies.stochastic,  # Hutch++ (Hutchinson below 4 products per sample)
@@ -36,13 +39,14 @@ def hessian_trace(
     seed: int = 0,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     progress: Progress = NO_PROGRESS,
+    compile_after: int = 0,
 ) -> Estimate:
     """``tr(H)`` of one selected scalar per sample: ``values [B]``.
 
     The same choices as ``hessian_diagonal`` (``exact``, ``max_products``,
     ``max_work``); the estimate is Hutch++ with ``standard_error [B]``.
     """
-    return strategies.run(
+    problem = replace(
         strategies.make_problem(
             "hessian_trace",
             "trace",
@@ -57,6 +61,10 @@ def hessian_trace(
             memory_budget_bytes,
             progress,
         ),
+        compile_after=compile_after,
+    )
+    return strategies.run(
+        problem,
         STRATEGIES,
         "hessian_trace",
     )
