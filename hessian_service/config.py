@@ -130,9 +130,7 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(
         16, gt=0, description="Most jobs waiting to start; more get 503 + Retry-After."
     )
-    job_workers: int = Field(
-        1, gt=0, description="Jobs running at once (each on its own thread)."
-    )
+    job_workers: int = Field(1, gt=0, description="Jobs running at once (each on its own thread).")
     job_ttl_s: float = Field(
         3600.0,
         gt=0,

@@ -29,6 +29,8 @@ DEFAULT_DESCRIPTIONS: dict[int, str] = {
     422: "Invalid input: `field` names the field at fault, `errors` every failed check.",
     503: "Not ready, or overloaded: retry after `Retry-After` seconds.",
     504: "Not computed within the per-request deadline.",
+    507: "Out of memory even at an eighth of the memory budget: `estimated_bytes`, the "
+    "budgets tried, and what to ask instead (rows, /hvp, /hessian/diagonal, ...).",
 }
 
 

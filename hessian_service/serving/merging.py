@@ -4,7 +4,8 @@ Two requests merge when everything that changes the computation other than the s
 is equal: the loaded model (by identity, so a reloaded version never mixes with the old
 one), the kind (jacobian or hessian), the compute dtype and device, ``output_index``
 (an int and a one-element list differ: they give different shapes) and the objective's
-type and parameters. Per-sample objective targets (mse targets, cross-entropy classes)
+type and parameters, and the block of ``rows`` asked for.
+Per-sample objective targets (mse targets, cross-entropy classes)
 do not split batches: each request's targets are expanded to one row per sample and
 concatenated in the same order as the samples. Layout and encoding are presentation
 only and do not matter here.
@@ -45,6 +46,7 @@ def batch_key(prepared: Prepared) -> BatchKey:
     selection: Hashable = ("list", tuple(index)) if isinstance(index, list) else ("int", index)
     if not prepared.operation.merges:
         selection = ("alone", id(prepared))
+    selection = (selection, prepared.rows)  # a block of rows is another computation
     objective = prepared.objective
     manifest = prepared.model.manifest
     return BatchKey(

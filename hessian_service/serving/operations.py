@@ -31,6 +31,7 @@ from hessian_service.engine import (
     compute_jacobian,
     operators,
 )
+from hessian_service.engine.operators import rows
 from hessian_service.engine.progress import NO_PROGRESS, Progress
 from hessian_service.units import format_bytes
 from hessian_service.wire.operator_schemas import EigenRequest, EstimateRequest, ProductRequest
@@ -46,6 +47,9 @@ class Operation(ABC):
     # With neither output_index nor objective: every output (True) or an error unless the
     # model has one output (False).
     all_outputs_by_default: ClassVar[bool]
+    # Its per-scalar result is a symmetric n x n matrix (a Hessian): the request may ask
+    # for a block of its rows (``rows``) and for its upper triangle (``layout: packed``).
+    symmetric_matrix: ClassVar[bool] = False
     # The body its endpoint validates (what POST /jobs validates a job's "request" with).
     request_schema: ClassVar[type[BaseModel]] = DerivativeRequest
     # True: the engine function reports no progress of its own, so a job runs it a few
@@ -109,6 +113,9 @@ class Selection:
     # What a matrix-free operator takes besides the selection (its vectors, budgets);
     # None for the dense kinds.
     operands: Operands | None = None
+    # rows.start, rows.stop of a symmetric operation's matrices (None: all); not an
+    # engine keyword of ``options()`` either: the operation picks the engine function.
+    rows: tuple[int, int] | None = None
 
     def options(self) -> dict[str, Any]:
         """The engine functions' keyword arguments (shallow: the objective's tensors are
@@ -148,9 +155,13 @@ class HessianOperation(Operation):
     kind = DerivativeKind.HESSIAN
     axes_per_scalar = 2
     all_outputs_by_default = False
+    symmetric_matrix = True
     chunks_by_sample = True
 
     def compute(self, module: nn.Module, x: torch.Tensor, selection: Selection) -> DerivativeResult:
+        if selection.rows is not None:  # a block of rows: products, or the dense slice
+            start, stop = selection.rows  # (progress: a job counts samples, chunks_by_sample)
+            return rows.hessian_rows(module, x, start, stop, **selection.options())
         return compute_hessian(module, x, **selection.options())
 
     def smaller_alternative(self, batch: int, scalars: int, n: int, itemsize: int) -> str:

@@ -28,7 +28,7 @@ from hessian_service.errors import InvalidInput, TooLarge
 from hessian_service.repository.registry import LoadedModel
 from hessian_service.serving.operations import Operation
 from hessian_service.units import format_bytes
-from hessian_service.wire import codec
+from hessian_service.wire import codec, packing, precision
 from hessian_service.wire.schemas import (
     CrossEntropyObjective,
     DerivativeRequest,
@@ -40,6 +40,10 @@ from hessian_service.wire.schemas import (
 )
 
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+# Most rows one request may ask for (``rows.stop - rows.start``): each is one
+# Hessian-vector product per sample and scalar. As many as the 3x64x64 model's 12,288
+# inputs, so that a model whose whole Hessian fits the size limit takes one request.
+MAX_ROWS = 16384
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,10 @@ class PreparedRequest:
     batched: bool
     objective: Objective | None
     output_index: int | list[int] | None
+    # rows.start, rows.stop of a symmetric operation's matrices; None: every row
+    rows: tuple[int, int] | None = None
+    # the result's size on the wire (rows, layout and result_precision counted)
+    result_bytes: int = 0
 
     @property
     def kind(self) -> DerivativeKind:
@@ -96,8 +104,9 @@ def prepare(
     _check_picture(operation, request, batch)
     scalars = outputs if unselected and operation.all_outputs_by_default else _count(request)
     n = math.prod(manifest.input_shape)
-    _check_result_size(operation, request, batch, scalars, n, limits)
-    _check_work(operation, model, batch, scalars, n, limits.max_work)
+    rows = _check_rows(operation, request, n)
+    result_bytes = _check_result_size(operation, request, batch, scalars, n, limits)
+    _check_work(operation, model, batch, scalars, rows[1] - rows[0] if rows else n, limits.max_work)
     objective = engine_objective(request, outputs, batch)
     x = codec.decode_tensor(request.inputs[0], "inputs[0]")
     x = x if batched else x.unsqueeze(0)
@@ -109,7 +118,66 @@ def prepare(
         batched=batched,
         objective=objective,
         output_index=request.output_index,
+        rows=rows,
+        result_bytes=result_bytes,
     )
+
+
+def _check_rows(operation: Operation, request: DerivativeRequest, n: int) -> tuple[int, int] | None:
+    """``rows`` and ``layout: "packed"`` need a symmetric ``n x n`` matrix per scalar (a
+    Hessian); ``result_precision`` may only narrow. Returns ``(start, stop)`` or None."""
+    if request.result_precision is not None:
+        if request.encoding == "png":
+            raise InvalidInput(
+                'result_precision: encoding "png" draws the computed values; leave '
+                "result_precision out",
+                field="result_precision",
+            )
+        precision.check_narrowing(request.result_precision, request.precision)
+    if not operation.symmetric_matrix:
+        asked = (("rows", request.rows is not None), ("layout", request.layout == "packed"))
+        for name, given in asked:
+            if given:
+                what = "rows" if name == "rows" else 'layout "packed"'
+                raise InvalidInput(
+                    f"{name}: {what} applies to a symmetric n x n result (/hessian), not to "
+                    f"/{operation.kind}"
+                    + ("; select its rows with output_index" if name == "rows" else "")
+                    + ("; use layout matrix or tensor" if name == "layout" else ""),
+                    field=name,
+                )
+    if request.rows is None:
+        return None
+    start, stop = request.rows.start, request.rows.stop
+    if not start < n:
+        raise InvalidInput(
+            f"rows.start: {start} is out of range; the matrix has {n} rows (0 to {n - 1})",
+            field="rows.start",
+        )
+    if not start < stop <= n:
+        raise InvalidInput(
+            f"rows.stop: expected rows.start < rows.stop <= {n} (n, the model's inputs), "
+            f"got {stop} with rows.start {start}",
+            field="rows.stop",
+        )
+    if stop - start > MAX_ROWS:
+        raise InvalidInput(
+            f"rows.stop: at most {MAX_ROWS} rows per request, got {stop - start} "
+            f"(rows.stop at most {start + MAX_ROWS})",
+            field="rows.stop",
+        )
+    return start, stop
+
+
+def result_entries(operation: Operation, request: DerivativeRequest, n: int) -> int:
+    """Entries per selected scalar of one sample, as sent: the rows asked for, packed or
+    not, else the operation's whole result."""
+    start, stop = (request.rows.start, request.rows.stop) if request.rows else (0, n)
+    if request.layout == "packed":
+        return packing.segment_length(n, start, stop)
+    if request.rows is not None:
+        return (stop - start) * n
+    return operation.entries_per_scalar(n)
 
 
 def _count(request: DerivativeRequest) -> int:
@@ -196,18 +264,30 @@ def _check_result_size(
     scalars: int,
     n: int,
     limits: RequestLimits,
-) -> None:
-    itemsize = 8 if request.precision == "float64" else 4
-    per_scalar = operation.entries_per_scalar(n)
+) -> int:
+    """The result's bytes as sent (``rows``, ``layout`` and ``result_precision``
+    counted); 413 when over ``max_result_bytes``."""
+    itemsize = precision.itemsize(request.result_precision or request.precision)
+    per_scalar = result_entries(operation, request, n)
     size = batch * scalars * per_scalar * itemsize
     if size <= limits.max_result_bytes:
-        return
-    field = _size_field(batch, scalars)
+        return size
+    one_matrix = request.rows is not None and batch * scalars == 1
+    field = "rows" if one_matrix else _size_field(batch, scalars)
+    pieces = ""
+    if operation.symmetric_matrix:
+        fitting_rows = limits.max_result_bytes // max(batch * scalars * n * itemsize, 1)
+        pieces = (
+            f'; ask for it in blocks of at most {fitting_rows} rows ("rows": {{"start": a, '
+            f'"stop": a + {fitting_rows}}})'
+            if fitting_rows >= 1
+            else ""
+        ) + ', layout "packed" (half the bytes), result_precision "float16" (half again)'
     raise TooLarge(
         f"{field}: the {operation.kind} would be {format_bytes(size)} ({batch} "
         f"samples x {scalars} scalars x {per_scalar} entries x {itemsize} bytes), over this "
         f"server's limit of {format_bytes(limits.max_result_bytes)} (max_result_bytes); "
-        f"send fewer samples or output indices per request, or use float32; "
+        f"send fewer samples or output indices per request, or use float32{pieces}; "
         f"{operation.smaller_alternative(batch, scalars, n, itemsize)}",
         field=field,
         estimated_bytes=size,
@@ -231,7 +311,9 @@ def _check_work(
     limit: int | None,
 ) -> None:
     """413 when ``samples x passes x activation elements`` is over ``limit``; the model's
-    activation elements are measured once (one forward pass of one sample) and kept."""
+    activation elements are measured once (one forward pass of one sample) and kept.
+    ``n`` is the inputs one pass is pushed along: the rows asked for, when a Hessian's
+    rows are (one product per row)."""
     if limit is None:
         return
     manifest = model.manifest

@@ -16,6 +16,7 @@ import torch
 
 from hessian_service.engine import DerivativeResult
 from hessian_service.repository.registry import LoadedModel
+from hessian_service.serving import shaping
 from hessian_service.serving.request import PreparedRequest
 from hessian_service.wire import codec, png
 from hessian_service.wire.binary import Encoded
@@ -27,15 +28,13 @@ def describe(
     """The response body of ``prepared``, computed as ``result`` in ``compute_ms``."""
     request, manifest, operation = prepared.request, prepared.model.manifest, prepared.operation
     sample_shape = list(manifest.input_shape)
-    matrix = result.selected
-    if request.layout == "tensor":
-        leading = operation.leading_shape(matrix.shape, manifest.output_shape, prepared.all_outputs)
-        matrix = matrix.reshape(*leading, *(sample_shape * operation.axes_per_scalar))
+    matrix, shape_meta = shaping.lay_out(prepared, result.selected)  # layout, rows, packing
     output = result.output
     if not prepared.batched:
         matrix, output = matrix[0], output[0]
     zero = not bool(matrix.count_nonzero())
     notes = operation.notes(prepared.model.curvature, prepared.objective, zero)
+    matrix, rounding_notes, precision_meta = shaping.round_to_wire(prepared, matrix)
     return {
         "model": manifest.name,
         "model_version": manifest.version,
@@ -52,9 +51,11 @@ def describe(
             "device": str(prepared.x.device),
             "precision": request.precision,
             "layout": request.layout,
+            **shape_meta,
+            **precision_meta,
             "compute_ms": round(compute_ms, 3),
             "zero": zero,
-            "notes": notes + random_notes(prepared.model),
+            "notes": notes + rounding_notes + random_notes(prepared.model),
         },
     }
 

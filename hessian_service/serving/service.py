@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -24,10 +25,16 @@ import torch
 from hessian_service.config import Settings
 from hessian_service.engine import DerivativeKind, DerivativeResult
 from hessian_service.engine.progress import NO_PROGRESS, Progress
-from hessian_service.errors import ClientClosedRequest, Overloaded, Timeout, TooLarge
+from hessian_service.errors import (
+    ClientClosedRequest,
+    InsufficientStorage,
+    Overloaded,
+    Timeout,
+    TooLarge,
+)
 from hessian_service.metrics import Metrics, current_timing
 from hessian_service.repository.registry import Registry
-from hessian_service.serving import merging, planning, response
+from hessian_service.serving import memory, merging, planning, response
 from hessian_service.serving.batching import (
     Abandoned,
     Batcher,
@@ -50,6 +57,7 @@ from hessian_service.serving.operator_request import (
 from hessian_service.serving.operator_response import describe_operator
 from hessian_service.serving.request import PreparedRequest, RequestLimits
 from hessian_service.serving.request import prepare as prepare_request
+from hessian_service.units import format_bytes
 from hessian_service.wire import codec
 from hessian_service.wire.binary import Encoded
 from hessian_service.wire.json_body import INLINE_BODY_BYTES
@@ -67,6 +75,30 @@ INLINE_ELEMENTS = 1 << 14
 # ... and only when their body was parsed inline too (INLINE_BODY_BYTES): the declared
 # shape alone says nothing of the data sent (a 784-element shape with 94,080 JSON
 # numbers took 10 ms to decode and be refused, on the loop, four at a time).
+
+
+def _insufficient_storage(prepared: Prepared, error: memory.OutOfMemory) -> InsufficientStorage:
+    """The 507 of a request that ran out of memory at every budget tried."""
+    budgets = ", ".join(format_bytes(b) for b in error.budgets)
+    batch = int(prepared.x.shape[0])
+    instead = "send fewer samples per request"
+    if prepared.operation.symmetric_matrix:
+        instead += (
+            ', ask for a block of rows ("rows": {"start": a, "stop": b}) at a time, or for '
+            "a matrix-free operation (/hvp, /hessian/diagonal, /hessian/trace, "
+            "/hessian/eigen)"
+        )
+    field = "rows" if prepared.rows is not None and batch == 1 else "inputs[0].shape"
+    return InsufficientStorage(
+        f"{field}: the {prepared.kind} of {batch} samples ran out of memory on "
+        f"{prepared.x.device} with working-memory budgets of {budgets} "
+        f"(HESSIAN_MEMORY_BUDGET_BYTES, halved on each retry); its result alone is "
+        f"{format_bytes(prepared.result_bytes)}; {instead}. ({error.last})",
+        field=field,
+        estimated_bytes=prepared.result_bytes,
+        memory_budgets_tried=error.budgets,
+        setting="HESSIAN_MEMORY_BUDGET_BYTES",
+    )
 
 
 class DerivativeService:
@@ -144,20 +176,45 @@ class DerivativeService:
             method=prepared.model.method(prepared.operation.probed_kind),
             memory_budget_bytes=self.settings.memory_budget_bytes,
             progress=progress,
+            rows=prepared.rows,
             operands=prepared.operands if isinstance(prepared, PreparedOperator) else None,
         )
 
     def compute(
         self, prepared: Prepared, progress: Progress = NO_PROGRESS
     ) -> tuple[Computed, float]:
-        """Run the engine; returns the result and the compute time in milliseconds."""
+        """Run the engine; returns the result and the compute time in milliseconds.
+
+        An out-of-memory is retried with half the working-memory budget, a few times
+        (``serving.memory``), and then answered 507 (``InsufficientStorage``) naming the
+        result's size and what to ask for instead; the worker survives it."""
         module = prepared.model.for_dtype(prepared.x.dtype)
         start = time.perf_counter()
         selection = self.selection(prepared, progress)
-        result = prepared.operation.compute(module, prepared.x, selection)
-        if prepared.x.device.type == "cuda":
-            torch.cuda.synchronize(prepared.x.device)
+        device = prepared.x.device
+
+        def attempt(budget: int) -> Computed:
+            result = prepared.operation.compute(
+                module, prepared.x, replace(selection, memory_budget_bytes=budget)
+            )
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return result
+
+        try:
+            result = memory.retrying(
+                attempt,
+                selection.memory_budget_bytes,
+                device,
+                on_retry=lambda _budget: self._oom_retry(prepared),
+            )
+        except memory.OutOfMemory as exc:
+            raise _insufficient_storage(prepared, exc) from None
         return result, (time.perf_counter() - start) * 1000.0
+
+    def _oom_retry(self, prepared: Prepared) -> None:
+        if self.metrics is not None:
+            self.metrics.oom_retries.labels(prepared.kind).inc()
 
     def compute_batch(
         self, _key: Hashable, batch: list[Prepared]

@@ -108,6 +108,13 @@ class SampleRequest(_Strict):
     )
 
 
+class RowRange(_Strict):
+    """A block of matrix rows: ``start`` included, ``stop`` excluded."""
+
+    start: Count = Field(..., description="First row, 0-based.")
+    stop: Count = Field(..., description="One past the last row; at most n.")
+
+
 class DerivativeRequest(SampleRequest):
     """Body of ``POST /jacobian`` and ``POST /hessian``."""
 
@@ -142,12 +149,31 @@ class DerivativeRequest(SampleRequest):
         description="png only: the colour range [-image_limit, image_limit] (larger "
         "values saturate). Default: the result's largest |value|.",
     )
-    layout: Literal["matrix", "tensor"] = Field(
+    layout: Literal["matrix", "tensor", "packed"] = Field(
         "matrix",
         description="matrix: [n, n] with n = prod(input_shape); tensor: input_shape + "
-        "input_shape, as torch.autograd.functional returns it.",
+        "input_shape, as torch.autograd.functional returns it (with `rows`: [b - a] + "
+        "input_shape); packed (/hessian only): the symmetric matrix's upper triangle, "
+        "row-major, n (n + 1) / 2 numbers per matrix, half the bytes; with `rows` the "
+        "segment of that vector rows a..b occupy (metadata.packing says where), so that "
+        "segments of consecutive row blocks concatenate to the whole triangle.",
     )
     precision: Literal["float32", "float64"] = Field("float32", description="Compute dtype.")
+    rows: RowRange | None = Field(
+        None,
+        description="/hessian only: rows start..stop (stop excluded) of each n x n Hessian, "
+        "[B, stop - start, n]; computed as Hessian-vector products with the basis vectors "
+        "e_start..e_(stop-1) where that is cheaper than the whole matrix. The size limit "
+        "applies to the rows, so a large Hessian can be fetched in blocks. Default: all.",
+    )
+    result_precision: Literal["float16", "bfloat16", "float32", "float64"] | None = Field(
+        None,
+        description="The precision the result is sent in, after computing in `precision`: "
+        "float16 / bfloat16 halve float32's bytes (datatype FP16 / BF16 with base64 and "
+        "binary; json numbers rounded to it). Never wider than `precision`. A finite entry "
+        "beyond float16's range (65,504) is refused with 422 naming this field. Default: "
+        "the compute precision. Applies to the derivative, not to the model output.",
+    )
 
 
 class ResponseMetadata(BaseModel):
@@ -161,6 +187,18 @@ class ResponseMetadata(BaseModel):
     device: str
     precision: str
     layout: str
+    rows: dict[str, int] | None = Field(
+        None, description='With `rows`: {"start": a, "stop": b, "n": n}, the rows sent.'
+    )
+    packing: dict[str, Any] | None = Field(
+        None,
+        description='With layout packed: {"order": "upper_row_major", "n": n, "offset": '
+        'where this segment starts in the n (n + 1) / 2 vector, "length": its entries, '
+        '"complete": whether it is the whole triangle}.',
+    )
+    result_precision: str | None = Field(
+        None, description="The precision the derivative is sent in, when it was rounded."
+    )
     compute_ms: float
     zero: bool = Field(description="True when every entry of the result is exactly zero.")
     notes: list[str]

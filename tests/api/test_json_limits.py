@@ -150,7 +150,7 @@ def test_bodies_parsed_in_a_thread_give_the_same_422_as_small_ones(client: TestC
         problem = client.post("/hessian", content=body, headers=headers).json()
         assert problem["status"] == 422 and problem["field"] == "layout", problem
         assert problem["errors"] == [
-            {"field": "layout", "message": "Input should be 'matrix' or 'tensor'"}
+            {"field": "layout", "message": "Input should be 'matrix', 'tensor' or 'packed'"}
         ]
     broken = big({})[:-1]  # the closing brace is missing: the error is at the end
     problem = client.post("/hessian", content=broken, headers=headers).json()

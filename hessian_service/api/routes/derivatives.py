@@ -94,6 +94,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         422,
         503,
         504,
+        507,
         s400="The body could not be read as UTF-8 JSON.",
         s404="Unknown model or version; `field` is `model`.",
         s413="Body or result over the configured limit (`limit_bytes`, `estimated_bytes`).",

@@ -76,6 +76,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
         422,
         503,
         504,
+        507,
         s400="The body could not be read as UTF-8 JSON.",
         s404="Unknown model or version; `field` is `model`.",
         s413="Body, result, products, work or working memory over the configured limit: "
