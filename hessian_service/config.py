@@ -42,6 +42,15 @@ class Settings(BaseSettings):
     memory_budget_bytes: int = Field(
         1024 * MiB, gt=0, description="Working memory one computation may plan for."
     )
+    compile_after: int = Field(
+        3,
+        ge=0,
+        description="A /hessian/diagonal or /hessian/trace answered by the graph engine's "
+        "forward-Laplacian pass, asked this many times with one input shape, is compiled by "
+        "torch.compile on a background thread (requests keep being answered eagerly until "
+        "it is ready; then about 2x faster: a PINN training loop's Laplacian). Needs a C++ "
+        "compiler; without one the compile fails once and the eager pass stays. 0: never.",
+    )
     max_samples_per_request: int = Field(
         65536,
         gt=0,

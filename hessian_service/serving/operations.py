@@ -116,6 +116,9 @@ class Selection:
     # rows.start, rows.stop of a symmetric operation's matrices (None: all); not an
     # engine keyword of ``options()`` either: the operation picks the engine function.
     rows: tuple[int, int] | None = None
+    # Diagonals and traces: a forward-Laplacian pass asked for this often with one shape
+    # is compiled in the background (HESSIAN_COMPILE_AFTER; 0: never).
+    compile_after: int = 0
 
     def options(self) -> dict[str, Any]:
         """The engine functions' keyword arguments (shallow: the objective's tensors are
@@ -353,6 +356,7 @@ class _EstimateOperation(OperatorOperation):
             max_products=operands.max_products,
             max_work=operands.max_work,
             seed=operands.seed,
+            compile_after=selection.compile_after,
             **self.engine_options(selection),
         )
         values = {self.value_name: result.values}

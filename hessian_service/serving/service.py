@@ -178,6 +178,7 @@ class DerivativeService:
             progress=progress,
             rows=prepared.rows,
             operands=prepared.operands if isinstance(prepared, PreparedOperator) else None,
+            compile_after=self.settings.compile_after,
         )
 
     def compute(

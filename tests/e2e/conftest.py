@@ -32,7 +32,9 @@ def running_server(**settings: str) -> Iterator[str]:
     or is not ready in 60 s.
     """
     try:
-        with local_server({"HESSIAN_DEVICE": TEST_DEVICE, **settings}, cwd=ROOT) as url:
+        # No background compiles of hot Laplacian passes beside the tests (tests/conftest.py).
+        defaults = {"HESSIAN_DEVICE": TEST_DEVICE, "HESSIAN_COMPILE_AFTER": "0"}
+        with local_server({**defaults, **settings}, cwd=ROOT) as url:
             yield url
     except ServerDidNotStart as error:
         pytest.fail(str(error))
