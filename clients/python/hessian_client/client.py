@@ -29,6 +29,19 @@ from hessian_client._wire import (
 from hessian_client.bulk import InputsLike, run
 from hessian_client.jobs import Job, job_request
 from hessian_client.jobs import submit as submit_job
+from hessian_client.operators import (
+    ROUTES,
+    Eigenpairs,
+    Estimate,
+    ProductResult,
+    Which,
+    eigen_body,
+    estimate_body,
+    product_body,
+    read_eigen,
+    read_estimate,
+    read_products,
+)
 from hessian_client.packing import PACKING_ORDER, unpack
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -268,6 +281,177 @@ class Client(_Base):
         )
         return convert(result.value)
 
+    def hvp(
+        self,
+        model: str,
+        x: Any,
+        vectors: Any,
+        output_index: int | list[int] | None = None,
+        objective: dict[str, Any] | None = None,
+        *,
+        precision: str = "float32",
+        encoding: Encoding = "binary",
+    ) -> ProductResult:
+        """Hessian-vector products ``H v`` of one scalar (an int ``output_index``, an
+        ``objective``, or a one-output model) without forming ``H``: ``vectors``
+        ``[m, *input_shape]`` (shared by a batch) or ``[B, m, *input_shape]``; ``values``
+        has the vectors' shape. Exact; m products per sample."""
+        body = product_body(
+            model,
+            x,
+            vectors,
+            output_index=output_index,
+            objective=objective,
+            precision=precision,
+            encoding=encoding,
+        )
+        response = self.request("POST", ROUTES["hvp"], json=body)
+        return read_products("hvp", response.content, response.headers)
+
+    def jvp(
+        self,
+        model: str,
+        x: Any,
+        vectors: Any,
+        output_index: int | list[int] | None = None,
+        objective: dict[str, Any] | None = None,
+        *,
+        precision: str = "float32",
+        encoding: Encoding = "binary",
+    ) -> ProductResult:
+        """Jacobian-vector products ``J v`` of the selected outputs (all without
+        ``output_index``) along input-shaped ``vectors`` ``[m, *input_shape]``:
+        ``values`` ``[m, *output_shape]`` (``[m, k]`` for k indices). Exact."""
+        body = product_body(
+            model,
+            x,
+            vectors,
+            output_index=output_index,
+            objective=objective,
+            precision=precision,
+            encoding=encoding,
+        )
+        response = self.request("POST", ROUTES["jvp"], json=body)
+        return read_products("jvp", response.content, response.headers)
+
+    def vjp(
+        self,
+        model: str,
+        x: Any,
+        vectors: Any,
+        output_index: int | list[int] | None = None,
+        objective: dict[str, Any] | None = None,
+        *,
+        precision: str = "float32",
+        encoding: Encoding = "binary",
+    ) -> ProductResult:
+        """Vector-Jacobian products ``u^T J`` for covectors ``vectors`` ``[m,
+        *output_shape]`` (``[m, k]`` for k indices): ``values`` ``[m, *input_shape]``."""
+        body = product_body(
+            model,
+            x,
+            vectors,
+            output_index=output_index,
+            objective=objective,
+            precision=precision,
+            encoding=encoding,
+        )
+        response = self.request("POST", ROUTES["vjp"], json=body)
+        return read_products("vjp", response.content, response.headers)
+
+    def hessian_diagonal(
+        self,
+        model: str,
+        x: Any,
+        output_index: int | list[int] | None = None,
+        objective: dict[str, Any] | None = None,
+        exact: bool | None = None,
+        max_products: int | None = None,
+        seed: int = 0,
+        *,
+        precision: str = "float32",
+        encoding: Encoding = "binary",
+    ) -> Estimate:
+        """The Hessian's diagonal in the input's shape. ``exact=True``: exact or a 413;
+        ``False``: a seeded estimate from ``max_products`` products with its
+        ``standard_error``; None: exact when the server's planner says it fits."""
+        body = estimate_body(
+            model,
+            x,
+            output_index=output_index,
+            objective=objective,
+            exact=exact,
+            max_products=max_products,
+            seed=seed,
+            precision=precision,
+            encoding=encoding,
+        )
+        response = self.request("POST", ROUTES["diagonal"], json=body)
+        return read_estimate("diagonal", response.content, response.headers)
+
+    def hessian_trace(
+        self,
+        model: str,
+        x: Any,
+        output_index: int | list[int] | None = None,
+        objective: dict[str, Any] | None = None,
+        exact: bool | None = None,
+        max_products: int | None = None,
+        seed: int = 0,
+        *,
+        precision: str = "float32",
+        encoding: Encoding = "binary",
+    ) -> Estimate:
+        """The Hessian's trace (the Laplacian): a 0-d ``values`` per sample (``[B]``);
+        exact, or Hutch++ with its ``standard_error``, as ``hessian_diagonal``."""
+        body = estimate_body(
+            model,
+            x,
+            output_index=output_index,
+            objective=objective,
+            exact=exact,
+            max_products=max_products,
+            seed=seed,
+            precision=precision,
+            encoding=encoding,
+        )
+        response = self.request("POST", ROUTES["trace"], json=body)
+        return read_estimate("trace", response.content, response.headers)
+
+    def hessian_eigen(
+        self,
+        model: str,
+        x: Any,
+        k: int = 5,
+        which: Which = "largest",
+        tol: float = 1e-6,
+        max_products: int | None = None,
+        *,
+        output_index: int | list[int] | None = None,
+        objective: dict[str, Any] | None = None,
+        seed: int = 0,
+        precision: str = "float32",
+        encoding: Encoding = "binary",
+    ) -> Eigenpairs:
+        """k eigenpairs (``which``: largest, smallest or magnitude) by Lanczos on
+        Hessian-vector products, with residuals and ``converged`` (every residual within
+        ``tol`` x the largest |eigenvalue|); at most ``max_products`` products."""
+        body = eigen_body(
+            model,
+            x,
+            k=k,
+            which=which,
+            tol=tol,
+            max_products=max_products,
+            seed=seed,
+            output_index=output_index,
+            objective=objective,
+            precision=precision,
+            encoding=encoding,
+        )
+        response = self.request("POST", ROUTES["eigen"], json=body)
+        return read_eigen(response.content, response.headers)
+
     def bulk_hessian(self, model: str, inputs: InputsLike, **options: Any) -> Path:
         """Hessians of many inputs streamed to a file; see ``hessian_client.bulk.run``."""
         return run(self, "hessian", model, inputs, **options)
@@ -449,3 +633,163 @@ class AsyncClient(_Base):
             encoding=encoding,
         )
         return convert(result.value)
+
+    async def hvp(
+        self,
+        model: str,
+        x: Any,
+        vectors: Any,
+        output_index: int | list[int] | None = None,
+        objective: dict[str, Any] | None = None,
+        *,
+        precision: str = "float32",
+        encoding: Encoding = "binary",
+    ) -> ProductResult:
+        """Hessian-vector products, as ``Client.hvp``."""
+        body = product_body(
+            model,
+            x,
+            vectors,
+            output_index=output_index,
+            objective=objective,
+            precision=precision,
+            encoding=encoding,
+        )
+        response = await self.request("POST", ROUTES["hvp"], json=body)
+        return read_products("hvp", response.content, response.headers)
+
+    async def jvp(
+        self,
+        model: str,
+        x: Any,
+        vectors: Any,
+        output_index: int | list[int] | None = None,
+        objective: dict[str, Any] | None = None,
+        *,
+        precision: str = "float32",
+        encoding: Encoding = "binary",
+    ) -> ProductResult:
+        """Jacobian-vector products, as ``Client.jvp``."""
+        body = product_body(
+            model,
+            x,
+            vectors,
+            output_index=output_index,
+            objective=objective,
+            precision=precision,
+            encoding=encoding,
+        )
+        response = await self.request("POST", ROUTES["jvp"], json=body)
+        return read_products("jvp", response.content, response.headers)
+
+    async def vjp(
+        self,
+        model: str,
+        x: Any,
+        vectors: Any,
+        output_index: int | list[int] | None = None,
+        objective: dict[str, Any] | None = None,
+        *,
+        precision: str = "float32",
+        encoding: Encoding = "binary",
+    ) -> ProductResult:
+        """Vector-Jacobian products, as ``Client.vjp``."""
+        body = product_body(
+            model,
+            x,
+            vectors,
+            output_index=output_index,
+            objective=objective,
+            precision=precision,
+            encoding=encoding,
+        )
+        response = await self.request("POST", ROUTES["vjp"], json=body)
+        return read_products("vjp", response.content, response.headers)
+
+    async def hessian_diagonal(
+        self,
+        model: str,
+        x: Any,
+        output_index: int | list[int] | None = None,
+        objective: dict[str, Any] | None = None,
+        exact: bool | None = None,
+        max_products: int | None = None,
+        seed: int = 0,
+        *,
+        precision: str = "float32",
+        encoding: Encoding = "binary",
+    ) -> Estimate:
+        """The Hessian's diagonal, as ``Client.hessian_diagonal``."""
+        body = estimate_body(
+            model,
+            x,
+            output_index=output_index,
+            objective=objective,
+            exact=exact,
+            max_products=max_products,
+            seed=seed,
+            precision=precision,
+            encoding=encoding,
+        )
+        response = await self.request("POST", ROUTES["diagonal"], json=body)
+        return read_estimate("diagonal", response.content, response.headers)
+
+    async def hessian_trace(
+        self,
+        model: str,
+        x: Any,
+        output_index: int | list[int] | None = None,
+        objective: dict[str, Any] | None = None,
+        exact: bool | None = None,
+        max_products: int | None = None,
+        seed: int = 0,
+        *,
+        precision: str = "float32",
+        encoding: Encoding = "binary",
+    ) -> Estimate:
+        """The Hessian's trace, as ``Client.hessian_trace``."""
+        body = estimate_body(
+            model,
+            x,
+            output_index=output_index,
+            objective=objective,
+            exact=exact,
+            max_products=max_products,
+            seed=seed,
+            precision=precision,
+            encoding=encoding,
+        )
+        response = await self.request("POST", ROUTES["trace"], json=body)
+        return read_estimate("trace", response.content, response.headers)
+
+    async def hessian_eigen(
+        self,
+        model: str,
+        x: Any,
+        k: int = 5,
+        which: Which = "largest",
+        tol: float = 1e-6,
+        max_products: int | None = None,
+        *,
+        output_index: int | list[int] | None = None,
+        objective: dict[str, Any] | None = None,
+        seed: int = 0,
+        precision: str = "float32",
+        encoding: Encoding = "binary",
+    ) -> Eigenpairs:
+        """k eigenpairs of the Hessian, as ``Client.hessian_eigen``."""
+        body = eigen_body(
+            model,
+            x,
+            k=k,
+            which=which,
+            tol=tol,
+            max_products=max_products,
+            seed=seed,
+            output_index=output_index,
+            objective=objective,
+            precision=precision,
+            encoding=encoding,
+        )
+        response = await self.request("POST", ROUTES["eigen"], json=body)
+        return read_eigen(response.content, response.headers)
