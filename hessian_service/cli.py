@@ -1,4 +1,5 @@
-"""The ``hessian-service`` command: ``serve``, ``models``, ``jacobian``, ``hessian``.
+"""The ``hessian-service`` command: ``serve``, ``models``, ``jacobian``, ``hessian``, and the
+operators ``hvp``, ``diagonal``, ``trace``, ``eigen``.
 
 ``serve`` starts the service (what ``make serve`` runs). The other commands talk to a
 running server with the Python client: ``hessian --model quadratic4 --input x.npy
@@ -7,6 +8,10 @@ like the model's input is one sample (the file holds one matrix); ``[N, *input_s
 is N samples, sent in batches with a progress bar on stderr, streamed to the file.
 With ``--job`` the whole input is one job on the server (``POST /jobs``): computed there in
 chunks, its progress shown from the server's counts, the result saved when it is done.
+The operator commands send one request with the Python client (``Client.hvp``,
+``hessian_diagonal``, ``hessian_trace``, ``hessian_eigen``): ``trace --model digits_cnn
+--input x.npy --output-index 3`` prints ``{"products": ..., "exact": true, "trace": ...}``;
+``--out`` saves the arrays (``.npz`` all of them: values, standard errors, eigenvectors).
 
 What each needs: ``serve`` needs the server's packages (torch, FastAPI, uvicorn: the
 ``hessian-service`` distribution) and says so when one is missing; the client commands
@@ -231,6 +236,152 @@ def _derivative_parser(commands: Any, kind: str, summary: str) -> None:
     _client_options(parser)
 
 
+# The operator commands: what each computes (its --help line).
+OPERATORS = {
+    "hvp": "Hessian-vector products H v of one scalar at the input (POST /hvp)",
+    "diagonal": "the diagonal of one scalar's input Hessian, exact or estimated "
+    "(POST /hessian/diagonal)",
+    "trace": "the trace (Laplacian) of one scalar's input Hessian, exact or estimated "
+    "(POST /hessian/trace)",
+    "eigen": "k eigenpairs of one scalar's input Hessian by Lanczos (POST /hessian/eigen)",
+}
+
+
+def _operator_arrays(client: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """Call the command's operator; its result and the arrays to save, by name."""
+    common: dict[str, Any] = {
+        "output_index": _output_index(args.output_index),
+        "objective": json.loads(args.objective) if args.objective else None,
+        "precision": args.precision,
+    }
+    x = _read_whole(args.input)
+    if args.command == "hvp":
+        result = client.hvp(args.model, x, _read_whole(args.vectors), **common)
+        return result, {"hvp": result.values}
+    if args.command == "eigen":
+        result = client.hessian_eigen(
+            args.model,
+            x,
+            k=args.k,
+            which=args.which,
+            tol=args.tol,
+            max_products=args.max_products,
+            seed=args.seed,
+            **common,
+        )
+        names = ("eigenvalues", "eigenvectors", "residuals")
+        return result, {name: getattr(result, name) for name in names}
+    call = client.hessian_diagonal if args.command == "diagonal" else client.hessian_trace
+    result = call(
+        args.model, x, exact=args.exact, max_products=args.max_products, seed=args.seed, **common
+    )
+    arrays = {args.command: result.values}
+    if result.standard_error is not None:
+        arrays["standard_error"] = result.standard_error
+    return result, arrays
+
+
+def _operator(args: argparse.Namespace) -> int:
+    """One operator request; a JSON summary on stdout (the cost, whether exact, and the
+    numbers small enough to print: traces, eigenvalues, residuals), the arrays in --out."""
+    import numpy as np
+    from hessian_client.client import Client
+    from hessian_client.files import save
+
+    with Client(args.url, retries=args.retries) as client:
+        result, arrays = _operator_arrays(client, args)
+    summary: dict[str, Any] = {
+        "products": result.products,
+        "exact": result.exact,
+        "method": result.method,
+    }
+    if args.command == "eigen":
+        summary["converged"] = result.converged
+    for name, array in arrays.items():
+        small = args.command in ("trace", "eigen") and name != "eigenvectors"
+        summary[name] = array.tolist() if small else {"shape": list(array.shape)}
+    if args.out is not None:
+        if args.out.suffix == ".npz":
+            np.savez(args.out, **arrays)
+            path = args.out
+        else:
+            path = save(args.out, next(iter(arrays.values())), args.command)
+        summary["out"] = str(path)
+    print(json.dumps(summary))
+    return 0
+
+
+def _output_index(index: list[int] | None) -> int | list[int] | None:
+    return index[0] if index and len(index) == 1 else index
+
+
+def _operator_parser(commands: Any, kind: str, summary: str) -> None:
+    parser = commands.add_parser(
+        kind,
+        help=summary,
+        description=f"{summary[0].upper()}{summary[1:]}. The input file is one sample or a "
+        "batch [B, *input_shape], sent whole in one request. Prints a JSON summary (products, "
+        "exact, method, and the values when they are small); --out saves the arrays.",
+    )
+    parser.add_argument("--model", required=True, help="a model's name (see `models`)")
+    parser.add_argument(
+        "--input", required=True, type=Path, help="input .npy (or .safetensors, one tensor)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="output file: .npz holds every array (e.g. diagonal and standard_error, or "
+        "eigenvalues, eigenvectors and residuals); .npy or .safetensors the first one",
+    )
+    parser.add_argument(
+        "--output-index",
+        type=int,
+        nargs="+",
+        metavar="I",
+        help="index into the flattened per-sample output (the scalar); required unless the "
+        "model has one output or --objective is given",
+    )
+    parser.add_argument(
+        "--objective", metavar="JSON", help="a scalar built on the output, as for `hessian`"
+    )
+    parser.add_argument(
+        "--precision", choices=["float32", "float64"], default="float32", help="compute dtype"
+    )
+    if kind == "hvp":
+        parser.add_argument(
+            "--vectors",
+            required=True,
+            type=Path,
+            help="the vectors v (.npy or .safetensors): [m, *input_shape] or [B, m, *input_shape]",
+        )
+        _client_options(parser)
+        return
+    parser.add_argument(
+        "--max-products", type=int, help="most Hessian-vector products in all (default: server's)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random vectors")
+    if kind == "eigen":
+        parser.add_argument("--k", type=int, default=5, help="eigenpairs wanted (default 5)")
+        parser.add_argument(
+            "--which", choices=["largest", "smallest", "magnitude"], default="largest"
+        )
+        parser.add_argument(
+            "--tol", type=float, default=1e-6, help="relative residual tolerance (default 1e-6)"
+        )
+    else:
+        exact = parser.add_mutually_exclusive_group()
+        exact.add_argument(
+            "--exact", action="store_true", default=None, help="exact or refused (413)"
+        )
+        exact.add_argument(
+            "--estimate",
+            dest="exact",
+            action="store_false",
+            help="a stochastic estimate with its standard error, in --max-products products",
+        )
+    _client_options(parser)
+
+
 def _client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url", default=DEFAULT_URL, help=f"the server (default $HESSIAN_URL or {DEFAULT_URL})"
@@ -271,6 +422,8 @@ def parser() -> argparse.ArgumentParser:
     _client_options(models)
     _derivative_parser(commands, "jacobian", "Jacobians of a model's outputs at the inputs")
     _derivative_parser(commands, "hessian", "Hessians of a model's output at the inputs")
+    for kind, summary in OPERATORS.items():
+        _operator_parser(commands, kind, summary)
     return root
 
 
@@ -279,6 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors."""
     args = parser().parse_args(argv)
     handlers = {"serve": _serve, "models": _models, "jacobian": _derivative, "hessian": _derivative}
+    handlers.update(dict.fromkeys(OPERATORS, _operator))
     try:
         return handlers[args.command](args)
     except HessianServiceError as exc:

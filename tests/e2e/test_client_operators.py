@@ -8,13 +8,17 @@ Hessian of logit ``INDEX`` by ``torch.func.hessian``, the Jacobian by ``torch.fu
 and the eigenpairs by ``torch.linalg.eigh``. Exact answers must agree to 1e-10 relative
 (float64 end to end: FP64 tensors on the wire, ``precision="float64"``); an estimate must
 say ``exact`` False, carry a standard error and lie within 4 of it (seeded, so
-deterministic); a refusal is a ``HessianServiceError`` naming the field at fault.
+deterministic); a refusal is a ``HessianServiceError`` naming the field at fault. The CLI's
+``trace``, ``eigen``, ``hvp`` and ``diagonal`` commands (run in process: they are the client)
+print and save the same numbers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +26,7 @@ import pytest
 import torch
 from hessian_client import AsyncClient, Client, HessianServiceError
 
+from hessian_service.cli import main
 from tests.unit.operators_helpers import bundled
 
 pytestmark = pytest.mark.e2e
@@ -203,3 +208,41 @@ def test_async_refusal_raises_with_the_field(server_url: str, ref: Reference) ->
     with pytest.raises(HessianServiceError) as caught:
         asyncio.run(call())
     assert (caught.value.status, caught.value.field) == (422, "vectors.shape")
+
+
+def test_cli_operator_commands(
+    server_url: str, ref: Reference, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    x, v = tmp_path / "x.npy", tmp_path / "v.npy"
+    np.save(x, ref.x)
+    vectors = np.random.default_rng(4).standard_normal((2, *SHAPE))
+    np.save(v, vectors)
+    common = ["--model", MODEL, "--input", str(x), "--output-index", str(INDEX)]
+    common += ["--precision", "float64", "--url", server_url]
+
+    def run(*argv: str) -> dict[str, Any]:
+        assert main([*argv, *common]) == 0
+        summary: dict[str, Any] = json.loads(capsys.readouterr().out)
+        return summary
+
+    trace = run("trace", "--exact")
+    assert trace["exact"] is True and trace["products"] >= 1
+    assert abs(trace["trace"] - float(np.trace(ref.hessian))) <= EXACT * float(
+        np.abs(np.diag(ref.hessian)).sum()
+    )
+    estimate = run("trace", "--estimate", "--max-products", "60", "--seed", "1")
+    assert estimate["exact"] is False and estimate["standard_error"] > 0
+
+    eigen = run("eigen", "--k", "2", "--tol", "1e-10", "--out", str(tmp_path / "e.npz"))
+    _close(np.asarray(eigen["eigenvalues"]), ref.eigenvalues[::-1][:2])
+    with np.load(tmp_path / "e.npz") as saved:
+        assert saved["eigenvectors"].shape == (2, *SHAPE)
+        _close(saved["eigenvalues"], ref.eigenvalues[::-1][:2])
+
+    run("hvp", "--vectors", str(v), "--out", str(tmp_path / "hv.npy"))
+    _close(np.load(tmp_path / "hv.npy"), (vectors.reshape(2, N) @ ref.hessian).reshape(2, *SHAPE))
+    run("diagonal", "--exact", "--out", str(tmp_path / "d.npy"))
+    _close(np.load(tmp_path / "d.npy"), np.diag(ref.hessian).reshape(SHAPE))
+
+    assert main(["hvp", "--vectors", str(x), *common]) == 1  # [1, 28, 28]: not [m, 1, 28, 28]
+    assert "vectors.shape" in capsys.readouterr().err
