@@ -91,7 +91,9 @@ def _pass(
     value = runner.values[placeholder]
     assert isinstance(value, torch.Tensor)
     shape = value.shape[1:]  # [1, *sample_shape]: the traced batch of one
-    eye = torch.eye(value[0].numel(), dtype=x.dtype, device=x.device)[start:stop]
+    rows = torch.arange(c, device=x.device)
+    eye = x.new_zeros(c, value[0].numel())  # rows start:stop of the identity, not all n
+    eye[rows, start + rows] = 1
     seed = eye.reshape(c, 1, *shape).expand(c, batch, *shape)
     second = x.new_zeros(1 if trace else c, batch, *shape)
     columns: dict[fx.Node, object] = {placeholder: torch.cat([seed, second])}

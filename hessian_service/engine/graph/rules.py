@@ -30,6 +30,7 @@ name to one of the tables below (or nothing, for an elementwise one).
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -187,15 +188,19 @@ def call_with(node: fx.Node, tensors: list[torch.Tensor], env: dict[fx.Node, obj
     """Run ``node``'s operator with its flat tensor arguments replaced by ``tensors``
     (in ``tensor_args`` order) and any other node argument looked up in ``env``."""
     supply = iter(tensors)
-
-    def value(arg: object) -> object:
-        if isinstance(arg, fx.Node):
-            return next(supply)
-        if isinstance(arg, (list, tuple)):
-            return type(arg)(value(item) for item in arg)
-        return arg
-
-    args = tuple(value(arg) for arg in node.args)
-    kwargs = {key: value(arg) for key, arg in node.kwargs.items()}
+    args = tuple(_substituted(arg, supply) for arg in node.args)
+    kwargs = {key: _substituted(arg, supply) for key, arg in node.kwargs.items()}
     assert callable(node.target)
     return node.target(*args, **kwargs)
+
+
+def _substituted(arg: object, supply: Iterator[torch.Tensor]) -> object:
+    """``arg`` with each node in it replaced by the next tensor of ``supply``. A module
+    function, not a closure: a closure that calls itself is a reference cycle, and it kept
+    every call's tensors alive until the garbage collector ran (48 MB a pass of the
+    forward-Laplacian pass on a 3x64x64 CNN)."""
+    if isinstance(arg, fx.Node):
+        return next(supply)
+    if isinstance(arg, (list, tuple)):
+        return type(arg)(_substituted(item, supply) for item in arg)
+    return arg
