@@ -86,10 +86,12 @@ def _submit(jobs: JobStore, job: JobRequest) -> Job:
             "headers": {"Location": {"schema": {"type": "string"}}},
         },
         **problems(
+            400,
             404,
             413,
             422,
             503,
+            s400="The body could not be read as UTF-8 JSON.",
             s404="Unknown model or version (`field` is `request.model`, as the endpoint "
             "names `model`).",
             s413="The request is over a limit, checked before any work, as its endpoint checks it.",
@@ -192,8 +194,13 @@ async def get_job_result(
     status_code=202,
     response_model=JobBody,
     responses={
-        202: {"description": "Cancelled: a queued job at once, a running one at its next chunk."},
-        204: {"description": "A finished job, and its result, deleted."},
+        202: {
+            "description": "Cancelling: a queued job at once, a running one at its next "
+            "chunk. Not deleted: the job stays kept, and GET /jobs/{job_id} shows how it "
+            "ended (`cancelled`, or `succeeded` when its last chunk ended first), until a "
+            "DELETE of the finished job or HESSIAN_JOB_TTL_S."
+        },
+        204: {"description": "A finished job, and its result, deleted: then 404."},
         **problems(404, s404=_UNKNOWN),
     },
     operation_id="cancel_job",
