@@ -390,3 +390,38 @@ def test_an_operator_over_its_product_limit_is_refused_before_work(limited: Test
     assert problem["estimated_products"] == 784 and "exact: false" in problem["detail"]
     estimate = limited.post("/hessian/diagonal", json={**body, "exact": False, "max_products": 400})
     assert estimate.status_code == 200 and estimate.json()["metadata"]["exact"] is False
+
+
+def test_eigen_stopped_by_max_products_says_so_with_true_residuals(
+    client: TestClient, mlp: Reference
+) -> None:
+    """A budget of 8 products (4 Lanczos steps, then the 3 residual products, for k=3)
+    ends the solve long before tol=1e-9: ``converged`` is false, the note says why, and
+    the ``residuals`` are the true ``||H v - lambda v||`` of the pairs sent (recomputed
+    here from the dense float64 Hessian), large enough to make ``false`` the honest
+    answer. The pairs are still Ritz pairs: orthonormal vectors whose Rayleigh quotients
+    are the values sent, each within its residual of an eigenvalue of H (for symmetric
+    H some eigenvalue lies within ||H v - theta v|| of theta when ||v|| = 1)."""
+    budget, k, tol = 8, 3, 1e-9
+    body, arrays = _post(
+        client,
+        "/hessian/eigen",
+        mlp.body("json", output_index=INDEX, k=k, tol=tol, max_products=budget),
+    )
+    metadata = body["metadata"]
+    assert metadata["converged"] is False and metadata["method"] == "lanczos"
+    assert 0 < metadata["products"] <= budget
+    assert any("max_products" in note for note in metadata["notes"]), metadata["notes"]
+    values, residuals = arrays["eigenvalues"], arrays["residuals"]
+    flat = arrays["eigenvectors"].reshape(k, -1)
+    assert values.shape == residuals.shape == (k,)
+    np.testing.assert_allclose(flat @ flat.T, np.eye(k), atol=1e-10)
+    np.testing.assert_allclose(
+        np.einsum("kn,nm,km->k", flat, mlp.hessian, flat), values, atol=1e-10
+    )
+    true_residuals = np.linalg.norm(flat @ mlp.hessian - values[:, None] * flat, axis=1)
+    np.testing.assert_allclose(residuals, true_residuals, rtol=1e-6, atol=1e-12)
+    spectrum = np.linalg.eigvalsh(mlp.hessian)
+    assert float(residuals.max()) > 1e3 * tol * float(np.abs(values).max())  # far from tol
+    distance = np.abs(values[:, None] - spectrum[None, :]).min(axis=1)
+    assert (distance <= true_residuals * (1 + 1e-9) + 1e-12).all(), (distance, true_residuals)
