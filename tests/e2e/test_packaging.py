@@ -1,8 +1,8 @@
 """The two installs a user makes, each into a fresh venv, never the checkout.
 
 - The server's wheel (``pip install .``: torch 2.13.0 first, as ``make setup`` does) holds
-  the bundled models and the sample digit; its ``hessian-service serve``, called by
-  absolute path from another folder with no ``HESSIAN_MODELS_DIR``, serves the five
+  the bundled models and their samples; its ``hessian-service serve``, called by
+  absolute path from another folder with no ``HESSIAN_MODELS_DIR``, serves the six
   bundled models from the venv's site-packages.
 - The client alone (``pip install ./clients/python``) brings neither torch nor FastAPI nor
   uvicorn; the README's numpy block gets numpy arrays with ``as_numpy=True``, and asking
