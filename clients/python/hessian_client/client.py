@@ -30,22 +30,22 @@ from hessian_client.bulk import InputsLike, run
 from hessian_client.jobs import Job, job_request
 from hessian_client.jobs import submit as submit_job
 from hessian_client.operators import (
-    ROUTES,
+    Call,
     Eigenpairs,
     Estimate,
+    OperatorResult,
     ProductResult,
     Which,
-    eigen_body,
-    estimate_body,
-    product_body,
-    read_eigen,
-    read_estimate,
-    read_products,
+    eigen_call,
+    estimate_call,
+    operator_body,
+    products_call,
 )
 from hessian_client.packing import PACKING_ORDER, unpack
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 T = TypeVar("T")
+R = TypeVar("R", bound=OperatorResult)
 # /health/ready answers 503 while loading: that is the answer, so only 429 is retried.
 NOT_READY_RETRIES = frozenset({429})
 
@@ -281,6 +281,11 @@ class Client(_Base):
         )
         return convert(result.value)
 
+    def _operate(self, call: Call[R]) -> R:
+        """Send one operator request (``hessian_client.operators``) and read its answer."""
+        response = self.request("POST", call.route, json=call.body)
+        return call.read(response.content, response.headers)
+
     def hvp(
         self,
         model: str,
@@ -296,17 +301,8 @@ class Client(_Base):
         ``objective``, or a one-output model) without forming ``H``: ``vectors``
         ``[m, *input_shape]`` (shared by a batch) or ``[B, m, *input_shape]``; ``values``
         has the vectors' shape. Exact; m products per sample."""
-        body = product_body(
-            model,
-            x,
-            vectors,
-            output_index=output_index,
-            objective=objective,
-            precision=precision,
-            encoding=encoding,
-        )
-        response = self.request("POST", ROUTES["hvp"], json=body)
-        return read_products("hvp", response.content, response.headers)
+        body = operator_body(model, x, output_index, objective, precision, encoding)
+        return self._operate(products_call("hvp", body, vectors))
 
     def jvp(
         self,
@@ -322,17 +318,8 @@ class Client(_Base):
         """Jacobian-vector products ``J v`` of the selected outputs (all without
         ``output_index``) along input-shaped ``vectors`` ``[m, *input_shape]``:
         ``values`` ``[m, *output_shape]`` (``[m, k]`` for k indices). Exact."""
-        body = product_body(
-            model,
-            x,
-            vectors,
-            output_index=output_index,
-            objective=objective,
-            precision=precision,
-            encoding=encoding,
-        )
-        response = self.request("POST", ROUTES["jvp"], json=body)
-        return read_products("jvp", response.content, response.headers)
+        body = operator_body(model, x, output_index, objective, precision, encoding)
+        return self._operate(products_call("jvp", body, vectors))
 
     def vjp(
         self,
@@ -347,17 +334,8 @@ class Client(_Base):
     ) -> ProductResult:
         """Vector-Jacobian products ``u^T J`` for covectors ``vectors`` ``[m,
         *output_shape]`` (``[m, k]`` for k indices): ``values`` ``[m, *input_shape]``."""
-        body = product_body(
-            model,
-            x,
-            vectors,
-            output_index=output_index,
-            objective=objective,
-            precision=precision,
-            encoding=encoding,
-        )
-        response = self.request("POST", ROUTES["vjp"], json=body)
-        return read_products("vjp", response.content, response.headers)
+        body = operator_body(model, x, output_index, objective, precision, encoding)
+        return self._operate(products_call("vjp", body, vectors))
 
     def hessian_diagonal(
         self,
@@ -375,19 +353,8 @@ class Client(_Base):
         """The Hessian's diagonal in the input's shape. ``exact=True``: exact or a 413;
         ``False``: a seeded estimate from ``max_products`` products with its
         ``standard_error``; None: exact when the server's planner says it fits."""
-        body = estimate_body(
-            model,
-            x,
-            output_index=output_index,
-            objective=objective,
-            exact=exact,
-            max_products=max_products,
-            seed=seed,
-            precision=precision,
-            encoding=encoding,
-        )
-        response = self.request("POST", ROUTES["diagonal"], json=body)
-        return read_estimate("diagonal", response.content, response.headers)
+        body = operator_body(model, x, output_index, objective, precision, encoding)
+        return self._operate(estimate_call("diagonal", body, exact, max_products, seed))
 
     def hessian_trace(
         self,
@@ -404,19 +371,8 @@ class Client(_Base):
     ) -> Estimate:
         """The Hessian's trace (the Laplacian): a 0-d ``values`` per sample (``[B]``);
         exact, or Hutch++ with its ``standard_error``, as ``hessian_diagonal``."""
-        body = estimate_body(
-            model,
-            x,
-            output_index=output_index,
-            objective=objective,
-            exact=exact,
-            max_products=max_products,
-            seed=seed,
-            precision=precision,
-            encoding=encoding,
-        )
-        response = self.request("POST", ROUTES["trace"], json=body)
-        return read_estimate("trace", response.content, response.headers)
+        body = operator_body(model, x, output_index, objective, precision, encoding)
+        return self._operate(estimate_call("trace", body, exact, max_products, seed))
 
     def hessian_eigen(
         self,
@@ -436,21 +392,8 @@ class Client(_Base):
         """k eigenpairs (``which``: largest, smallest or magnitude) by Lanczos on
         Hessian-vector products, with residuals and ``converged`` (every residual within
         ``tol`` x the largest |eigenvalue|); at most ``max_products`` products."""
-        body = eigen_body(
-            model,
-            x,
-            k=k,
-            which=which,
-            tol=tol,
-            max_products=max_products,
-            seed=seed,
-            output_index=output_index,
-            objective=objective,
-            precision=precision,
-            encoding=encoding,
-        )
-        response = self.request("POST", ROUTES["eigen"], json=body)
-        return read_eigen(response.content, response.headers)
+        body = operator_body(model, x, output_index, objective, precision, encoding)
+        return self._operate(eigen_call(body, k, which, tol, max_products, seed))
 
     def bulk_hessian(self, model: str, inputs: InputsLike, **options: Any) -> Path:
         """Hessians of many inputs streamed to a file; see ``hessian_client.bulk.run``."""
@@ -634,6 +577,11 @@ class AsyncClient(_Base):
         )
         return convert(result.value)
 
+    async def _operate(self, call: Call[R]) -> R:
+        """Send one operator request (``hessian_client.operators``) and read its answer."""
+        response = await self.request("POST", call.route, json=call.body)
+        return call.read(response.content, response.headers)
+
     async def hvp(
         self,
         model: str,
@@ -646,17 +594,8 @@ class AsyncClient(_Base):
         encoding: Encoding = "binary",
     ) -> ProductResult:
         """Hessian-vector products, as ``Client.hvp``."""
-        body = product_body(
-            model,
-            x,
-            vectors,
-            output_index=output_index,
-            objective=objective,
-            precision=precision,
-            encoding=encoding,
-        )
-        response = await self.request("POST", ROUTES["hvp"], json=body)
-        return read_products("hvp", response.content, response.headers)
+        body = operator_body(model, x, output_index, objective, precision, encoding)
+        return await self._operate(products_call("hvp", body, vectors))
 
     async def jvp(
         self,
@@ -670,17 +609,8 @@ class AsyncClient(_Base):
         encoding: Encoding = "binary",
     ) -> ProductResult:
         """Jacobian-vector products, as ``Client.jvp``."""
-        body = product_body(
-            model,
-            x,
-            vectors,
-            output_index=output_index,
-            objective=objective,
-            precision=precision,
-            encoding=encoding,
-        )
-        response = await self.request("POST", ROUTES["jvp"], json=body)
-        return read_products("jvp", response.content, response.headers)
+        body = operator_body(model, x, output_index, objective, precision, encoding)
+        return await self._operate(products_call("jvp", body, vectors))
 
     async def vjp(
         self,
@@ -694,17 +624,8 @@ class AsyncClient(_Base):
         encoding: Encoding = "binary",
     ) -> ProductResult:
         """Vector-Jacobian products, as ``Client.vjp``."""
-        body = product_body(
-            model,
-            x,
-            vectors,
-            output_index=output_index,
-            objective=objective,
-            precision=precision,
-            encoding=encoding,
-        )
-        response = await self.request("POST", ROUTES["vjp"], json=body)
-        return read_products("vjp", response.content, response.headers)
+        body = operator_body(model, x, output_index, objective, precision, encoding)
+        return await self._operate(products_call("vjp", body, vectors))
 
     async def hessian_diagonal(
         self,
@@ -720,19 +641,8 @@ class AsyncClient(_Base):
         encoding: Encoding = "binary",
     ) -> Estimate:
         """The Hessian's diagonal, as ``Client.hessian_diagonal``."""
-        body = estimate_body(
-            model,
-            x,
-            output_index=output_index,
-            objective=objective,
-            exact=exact,
-            max_products=max_products,
-            seed=seed,
-            precision=precision,
-            encoding=encoding,
-        )
-        response = await self.request("POST", ROUTES["diagonal"], json=body)
-        return read_estimate("diagonal", response.content, response.headers)
+        body = operator_body(model, x, output_index, objective, precision, encoding)
+        return await self._operate(estimate_call("diagonal", body, exact, max_products, seed))
 
     async def hessian_trace(
         self,
@@ -748,19 +658,8 @@ class AsyncClient(_Base):
         encoding: Encoding = "binary",
     ) -> Estimate:
         """The Hessian's trace, as ``Client.hessian_trace``."""
-        body = estimate_body(
-            model,
-            x,
-            output_index=output_index,
-            objective=objective,
-            exact=exact,
-            max_products=max_products,
-            seed=seed,
-            precision=precision,
-            encoding=encoding,
-        )
-        response = await self.request("POST", ROUTES["trace"], json=body)
-        return read_estimate("trace", response.content, response.headers)
+        body = operator_body(model, x, output_index, objective, precision, encoding)
+        return await self._operate(estimate_call("trace", body, exact, max_products, seed))
 
     async def hessian_eigen(
         self,
@@ -778,18 +677,5 @@ class AsyncClient(_Base):
         encoding: Encoding = "binary",
     ) -> Eigenpairs:
         """k eigenpairs of the Hessian, as ``Client.hessian_eigen``."""
-        body = eigen_body(
-            model,
-            x,
-            k=k,
-            which=which,
-            tol=tol,
-            max_products=max_products,
-            seed=seed,
-            output_index=output_index,
-            objective=objective,
-            precision=precision,
-            encoding=encoding,
-        )
-        response = await self.request("POST", ROUTES["eigen"], json=body)
-        return read_eigen(response.content, response.headers)
+        body = operator_body(model, x, output_index, objective, precision, encoding)
+        return await self._operate(eigen_call(body, k, which, tol, max_products, seed))

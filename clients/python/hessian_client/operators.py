@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
 
@@ -76,7 +76,7 @@ class Eigenpairs(OperatorResult):
     converged: bool
 
 
-def _common(
+def operator_body(
     model: str,
     x: Any,
     output_index: int | list[int] | None,
@@ -84,6 +84,9 @@ def _common(
     precision: str,
     encoding: Encoding,
 ) -> dict[str, Any]:
+    """What every operator's body holds: the model, ``x`` as a base64 tensor object, the
+    precision and encoding, and the selected output (``output_index`` or ``objective``)
+    when one is given. The ``*_call`` builders add each operator's own fields."""
     body: dict[str, Any] = {
         "model": model,
         "inputs": [tensor_object(as_array(x))],
@@ -97,67 +100,69 @@ def _common(
     return body
 
 
-def product_body(
-    model: str,
-    x: Any,
-    vectors: Any,
-    *,
-    output_index: int | list[int] | None,
-    objective: dict[str, Any] | None,
-    precision: str,
-    encoding: Encoding,
-) -> dict[str, Any]:
-    """The body of ``/hvp``, ``/jvp`` or ``/vjp``: ``vectors`` as a base64 tensor object
-    (FP64 when it is float64, else FP32), ``[m, ...]`` or ``[B, m, ...]``."""
-    body = _common(model, x, output_index, objective, precision, encoding)
-    body["vectors"] = tensor_object(as_array(vectors), "vectors")
-    return body
+R = TypeVar("R", bound=OperatorResult)
 
 
-def estimate_body(
-    model: str,
-    x: Any,
-    *,
-    output_index: int | list[int] | None,
-    objective: dict[str, Any] | None,
+@dataclass(frozen=True)
+class Call(Generic[R]):
+    """One operator request, ready to send: the operator (its route), the body, and the
+    type of its answer. ``Client`` and ``AsyncClient`` only send it (``_operate``) and
+    hand the response to ``read``, so that the twins differ only in how they wait."""
+
+    operator: str
+    body: dict[str, Any]
+    result: type[R]
+
+    @property
+    def route(self) -> str:
+        return ROUTES[self.operator]
+
+    def read(self, content: bytes, headers: Mapping[str, str]) -> R:
+        """The typed result of this call's response."""
+        result = read(self.operator, content, headers)
+        assert isinstance(result, self.result)
+        return result
+
+
+def products_call(operator: ProductKind, body: dict[str, Any], vectors: Any) -> Call[ProductResult]:
+    """``/hvp``, ``/jvp`` or ``/vjp`` (``body`` from ``operator_body``): ``vectors`` as a
+    base64 tensor object (FP64 when it is float64, else FP32), ``[m, ...]`` or
+    ``[B, m, ...]``."""
+    body = {**body, "vectors": tensor_object(as_array(vectors), "vectors")}
+    return Call(operator, body, ProductResult)
+
+
+def estimate_call(
+    operator: EstimateKind,
+    body: dict[str, Any],
     exact: bool | None,
     max_products: int | None,
     seed: int,
-    precision: str,
-    encoding: Encoding,
-) -> dict[str, Any]:
-    """The body of ``/hessian/diagonal`` or ``/hessian/trace`` (``exact``/``max_products``
-    left to the server when None)."""
-    body = _common(model, x, output_index, objective, precision, encoding)
-    body["seed"] = seed
+) -> Call[Estimate]:
+    """``/hessian/diagonal`` or ``/hessian/trace`` (``body`` from ``operator_body``;
+    ``exact``/``max_products`` left to the server when None)."""
+    body = {**body, "seed": seed}
     if exact is not None:
         body["exact"] = exact
     if max_products is not None:
         body["max_products"] = max_products
-    return body
+    return Call(operator, body, Estimate)
 
 
-def eigen_body(
-    model: str,
-    x: Any,
-    *,
+def eigen_call(
+    body: dict[str, Any],
     k: int,
     which: Which,
     tol: float,
     max_products: int | None,
     seed: int,
-    output_index: int | list[int] | None,
-    objective: dict[str, Any] | None,
-    precision: str,
-    encoding: Encoding,
-) -> dict[str, Any]:
-    """The body of ``/hessian/eigen``; ``tol`` is sent as a float (the server takes no
-    integer there)."""
-    body = _common(model, x, output_index, objective, precision, encoding)
-    body.update(k=k, which=which, tol=float(tol), seed=seed)
+) -> Call[Eigenpairs]:
+    """``/hessian/eigen`` (``body`` from ``operator_body``); ``tol`` is sent as a float
+    (the server takes no integer there)."""
+    body = {**body, "k": k, "which": which, "tol": float(tol), "seed": seed}
     if max_products is not None:
         body["max_products"] = max_products
-    return body
+    return Call("eigen", body, Eigenpairs)
 
 
 def _array(arrays: Mapping[str, np.ndarray], name: str, route: str) -> np.ndarray:
@@ -196,26 +201,3 @@ def read(operator: str, content: bytes, headers: Mapping[str, str]) -> OperatorR
         residuals=_array(arrays, "residuals", route),
         converged=bool(metadata.get("converged")),
     )
-
-
-def read_products(
-    operator: ProductKind, content: bytes, headers: Mapping[str, str]
-) -> ProductResult:
-    """``read`` for ``/hvp``, ``/jvp`` and ``/vjp``."""
-    result = read(operator, content, headers)
-    assert isinstance(result, ProductResult)
-    return result
-
-
-def read_estimate(operator: EstimateKind, content: bytes, headers: Mapping[str, str]) -> Estimate:
-    """``read`` for ``/hessian/diagonal`` and ``/hessian/trace``."""
-    result = read(operator, content, headers)
-    assert isinstance(result, Estimate)
-    return result
-
-
-def read_eigen(content: bytes, headers: Mapping[str, str]) -> Eigenpairs:
-    """``read`` for ``/hessian/eigen``."""
-    result = read("eigen", content, headers)
-    assert isinstance(result, Eigenpairs)
-    return result
