@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hessian_service.errors import PROBLEM_CONTENT_TYPE
+from hessian_service.wire.binary import BINARY_CONTENT_TYPE, HEADER_LENGTH
 from hessian_service.wire.schemas import Problem
 
 REF_PREFIX = "#/components/schemas/"
@@ -48,6 +49,44 @@ def problems(*statuses: int, **descriptions: str) -> Responses:
     return {
         status: problem_response(descriptions.get(f"s{status}", DEFAULT_DESCRIPTIONS[status]))
         for status in statuses
+    }
+
+
+def computation_problems(**descriptions: str) -> Responses:
+    """The errors of every route that computes on a model (``/hessian``, ``/jacobian``
+    and the operators), with their shared wording; ``descriptions`` (``s413=...``) say
+    what differs for a route."""
+    return problems(
+        400,
+        404,
+        413,
+        422,
+        503,
+        504,
+        507,
+        **{
+            "s400": "The body could not be read as UTF-8 JSON.",
+            "s404": "Unknown model or version; `field` is `model`.",
+            "s503": "Queue full (retry after `Retry-After` seconds), or models still loading.",
+            **descriptions,
+        },
+    )
+
+
+def binary_result(description: str) -> dict[str, Any]:
+    """A computing route's 200: ``description``, the octet-stream body of the binary
+    encoding and its ``Inference-Header-Content-Length`` header. A new dict each call:
+    FastAPI adds the route's own JSON schema into the ``content`` it is given, so routes
+    with different response models must not share one."""
+    return {
+        "description": description,
+        "content": {BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+        "headers": {
+            HEADER_LENGTH: {
+                "description": 'Length of the JSON header (encoding "binary" only).',
+                "schema": {"type": "integer"},
+            }
+        },
     }
 
 

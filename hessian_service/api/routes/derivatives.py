@@ -19,17 +19,13 @@ from fastapi import APIRouter, Body, Request, Response
 from hessian_service.api.body import counted_json_route
 from hessian_service.api.deps import ServiceDep
 from hessian_service.api.examples import hessian_examples, jacobian_examples
-from hessian_service.api.responses import problems
+from hessian_service.api.responses import binary_result, computation_problems
+from hessian_service.api.serve import serve
 from hessian_service.config import Settings
 from hessian_service.engine import DerivativeKind
 from hessian_service.serving.service import DerivativeService
 from hessian_service.wire import png
-from hessian_service.wire.binary import (
-    BINARY_CONTENT_TYPE,
-    HEADER_LENGTH,
-    JSON_CONTENT_TYPE,
-    Encoded,
-)
+from hessian_service.wire.binary import JSON_CONTENT_TYPE
 from hessian_service.wire.schemas import DerivativeRequest, DerivativeResponse
 
 
@@ -66,46 +62,28 @@ _PNG_HEADERS: dict[str, dict[str, Any]] = {
     },
 }
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": 'The result. With `encoding: "binary"` the body is '
+
+def _result() -> dict[str, Any]:
+    response = binary_result(
+        'The result. With `encoding: "binary"` the body is '
         "application/octet-stream: the JSON response (`Inference-Header-Content-Length` "
         "bytes, outputs carrying `parameters.binary_data_size`), then each output's raw "
         'little-endian bytes. With `encoding: "png"` (or no encoding and `Accept: '
         "image/png`) it is an image/png heatmap of the one sample's result (blue < 0 < "
         "red, white at 0; pixel column p of W shows column floor((2p + 1) * cols / (2W))), "
-        "the numbers it cannot show in the headers below.",
-        "content": {
-            BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}},
-            png.MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
-        },
-        "headers": {
-            HEADER_LENGTH: {
-                "description": 'Length of the JSON header (encoding "binary" only).',
-                "schema": {"type": "integer"},
-            },
-            **_PNG_HEADERS,
-        },
-    },
-    **problems(
-        400,
-        404,
-        413,
-        422,
-        503,
-        504,
-        507,
-        s400="The body could not be read as UTF-8 JSON.",
-        s404="Unknown model or version; `field` is `model`.",
-        s413="Body or result over the configured limit (`limit_bytes`, `estimated_bytes`).",
-        s503="Queue full (retry after `Retry-After` seconds), or models still loading.",
+        "the numbers it cannot show in the headers below."
+    )
+    response["content"][png.MEDIA_TYPE] = {"schema": {"type": "string", "format": "binary"}}
+    response["headers"].update(_PNG_HEADERS)
+    return response
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    200: _result(),
+    **computation_problems(
+        s413="Body or result over the configured limit (`limit_bytes`, `estimated_bytes`)."
     ),
 }
-
-
-def _response(encoded: Encoded) -> Response:
-    headers = {**encoded.headers, "Vary": "Accept"}  # Accept may choose the encoding
-    return Response(encoded.body, media_type=encoded.media_type, headers=headers)
 
 
 def _quality(accept: str, media_type: str) -> float:
@@ -143,15 +121,10 @@ def negotiated(request: DerivativeRequest, accept: str | None) -> DerivativeRequ
 async def _run(
     service: DerivativeService, kind: DerivativeKind, request: DerivativeRequest, http: Request
 ) -> Response:
-    """Both routes: the encoding negotiated, the body's size passed on (it bounds the
-    decoding done on the event loop), a client that went away dropped from the queue."""
-    encoded = await service.run(
-        kind,
-        negotiated(request, http.headers.get("accept")),
-        disconnected=http.is_disconnected,
-        body_bytes=len(await http.body()),
-    )
-    return _response(encoded)
+    """Both routes: the encoding negotiated, then served (``api.serve``); ``Vary:
+    Accept``, since ``Accept`` may choose the encoding."""
+    negotiated_request = negotiated(request, http.headers.get("accept"))
+    return await serve(service, kind, negotiated_request, http, headers={"Vary": "Accept"})
 
 
 @router.post(
