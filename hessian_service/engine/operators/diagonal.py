@@ -1,13 +1,11 @@
 """The diagonal of each sample's input Hessian: exact where it fits, else estimated.
 
-``STRATEGIES`` is the policy, tried in order (``strategies.run``): the first that
-accepts answers. The graph engine's forward-Laplacian pass goes first (exact, the
-cheapest where it runs); ``compile_after`` lets it compile a hot shape (``torch.compile``).
+``STRATEGIES`` is the policy, tried in order: ``strategies.POLICY``, which diagonals and
+traces share, as they share ``strategies.solve``; ``compile_after`` lets the
+forward-Laplacian pass compile a hot shape (``torch.compile``).
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import torch
 from torch import nn
@@ -18,12 +16,7 @@ from hessian_service.engine.operators.results import Estimate
 from hessian_service.engine.planner import DEFAULT_MEMORY_BUDGET_BYTES
 from hessian_service.engine.progress import NO_PROGRESS, Progress
 
-STRATEGIES: tuple[strategies.Strategy, ...] = (
-    strategies.forward_laplacian,  # exact: the graph engine's pass, no matrix, no HVPs
-    strategies.dense,  # exact: B n x n matrices in chunks of samples, when one fits
-    strategies.hvp_basis,  # exact: n HVPs on basis vectors per sample
-    strategies.stochastic,  # Hutchinson: mean of v * Hv, with its standard error
-)
+STRATEGIES: tuple[strategies.Strategy, ...] = strategies.POLICY
 
 
 def hessian_diagonal(
@@ -49,25 +42,19 @@ def hessian_diagonal(
     measure; without ``max_products`` the basis is used up to
     ``plan.AUTO_EXACT_PRODUCTS`` products), else the estimate.
     """
-    problem = replace(
-        strategies.make_problem(
-            "hessian_diagonal",
-            "diagonal",
-            model,
-            x,
-            output_index,
-            objective,
-            exact,
-            max_products,
-            max_work,
-            seed,
-            memory_budget_bytes,
-            progress,
-        ),
-        compile_after=compile_after,
-    )
-    return strategies.run(
-        problem,
-        STRATEGIES,
+    return strategies.solve(
         "hessian_diagonal",
+        "diagonal",
+        STRATEGIES,
+        model,
+        x,
+        output_index=output_index,
+        objective=objective,
+        exact=exact,
+        max_products=max_products,
+        max_work=max_work,
+        seed=seed,
+        memory_budget_bytes=memory_budget_bytes,
+        progress=progress,
+        compile_after=compile_after,
     )

@@ -87,6 +87,8 @@ def make_problem(
     seed: int,
     memory_budget_bytes: int,
     progress: Progress,
+    *,
+    compile_after: int = 0,
 ) -> Problem:
     """Check a diagonal/trace request's own arguments and select its scalar."""
     if exact not in (None, True, False):
@@ -109,6 +111,7 @@ def make_problem(
         seed=seed,
         memory_budget_bytes=memory_budget_bytes,
         progress=progress,
+        compile_after=compile_after,
     )
 
 
@@ -311,3 +314,51 @@ def run(problem: Problem, strategies: Sequence[Strategy], api_name: str) -> Esti
         estimated_bytes=setup.n * setup.n * setup.itemsize * setup.batch,
         estimated_products=setup.n * setup.batch,
     )
+
+
+# The policy of diagonals and traces alike (``diagonal.STRATEGIES``, ``trace.STRATEGIES``):
+# the graph engine's forward-Laplacian pass goes first (exact, the cheapest where it runs).
+POLICY: tuple[Strategy, ...] = (
+    forward_laplacian,  # exact: the graph engine's pass, no matrix, no HVPs
+    dense,  # exact: B n x n matrices in chunks of samples, when one fits
+    hvp_basis,  # exact: n HVPs on basis vectors per sample
+    stochastic,  # a diagonal: Hutchinson (mean of v * Hv); a trace: Hutch++ (Hutchinson
+    # below 4 products per sample); each with its standard error
+)
+
+
+def solve(
+    api_name: str,
+    kind: str,
+    policy: Sequence[Strategy],
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    output_index: int | None,
+    objective: Objective | None,
+    exact: bool | None,
+    max_products: int | None,
+    max_work: int | None,
+    seed: int,
+    memory_budget_bytes: int,
+    progress: Progress,
+    compile_after: int,
+) -> Estimate:
+    """``hessian_diagonal`` and ``hessian_trace`` (``kind``): the request checked
+    (``make_problem``), then ``policy`` tried in order (``run``)."""
+    problem = make_problem(
+        api_name,
+        kind,
+        model,
+        x,
+        output_index,
+        objective,
+        exact,
+        max_products,
+        max_work,
+        seed,
+        memory_budget_bytes,
+        progress,
+        compile_after=compile_after,
+    )
+    return run(problem, policy, api_name)
