@@ -34,6 +34,7 @@ from typing import Any
 
 from hessian_client._wire import HessianServiceError
 
+from hessian_service.compute_env import with_compute_defaults
 from hessian_service.local_server import ALLOCATOR_ENV, uvicorn_command
 
 DEFAULT_URL = os.environ.get("HESSIAN_URL", "http://127.0.0.1:8000")
@@ -42,8 +43,9 @@ SERVER_PACKAGES = ("uvicorn", "fastapi", "torch")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Exec uvicorn on ``hessian_service.main:app`` with the allocator settings in its environment
-    (glibc reads them at process start, so they cannot be set from inside).
+    """Exec uvicorn on ``hessian_service.main:app`` with the allocator settings and the OpenMP
+    defaults in its environment (glibc reads the first at process start and libgomp the
+    second when torch loads, so neither can be set from inside afterwards).
 
     Checks first (without importing them) that the server's packages are installed in
     this interpreter, so a missing one is one clear line, not a child's traceback.
@@ -57,7 +59,8 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    env = {**ALLOCATOR_ENV, **os.environ}
+    # The OpenMP defaults (compute_env.py): libgomp reads them when torch loads; yours win.
+    env = with_compute_defaults({**ALLOCATOR_ENV, **os.environ})
     options = ["--workers", str(args.workers)] if args.workers > 1 else []
     if args.no_access_log:
         options.append("--no-access-log")
@@ -407,7 +410,8 @@ def parser() -> argparse.ArgumentParser:
         help="run the server (what `make serve` runs)",
         description="Run the service with uvicorn (hessian_service.main:app). Settings come from "
         "HESSIAN_* environment variables (see the README); glibc's allocator is told to "
-        "keep freed pages unless MALLOC_* variables are already set.",
+        "keep freed pages unless MALLOC_* variables are already set, and torch's OpenMP "
+        "threads to sleep when idle (OMP_WAIT_POLICY=PASSIVE) unless it is already set.",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import httpx
 
+from hessian_service.compute_env import with_compute_defaults
+
 # glibc keeps freed pages with these: the vectorized derivative code otherwise spends
 # most of its time in page faults (docs/engine.md, "The allocator settings"). glibc
 # reads them at process start, so they go into the server's environment.
@@ -59,9 +61,10 @@ def uvicorn_command(host: str, port: int, options: Sequence[str] = ()) -> list[s
 def server_env(settings: Mapping[str, str]) -> dict[str, str]:
     """This process's environment without its ``HESSIAN_*`` settings (so that a caller's
     shell cannot change what a started server does), plus the allocator settings and
-    ``settings``."""
+    ``settings``, plus the OpenMP defaults (hessian_service/compute_env.py) where neither
+    sets them."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HESSIAN_")}
-    return {**env, **ALLOCATOR_ENV, "PYTHONUNBUFFERED": "1", **settings}
+    return with_compute_defaults({**env, **ALLOCATOR_ENV, "PYTHONUNBUFFERED": "1", **settings})
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

@@ -7,6 +7,15 @@ package (fastapi-offline) so ``/docs`` works with no internet.
 
 from __future__ import annotations
 
+# ruff: noqa: E402 -- the OpenMP defaults must be set before the imports below load torch.
+# First, before torch is imported: libgomp reads OMP_WAIT_POLICY once, when torch loads it,
+# and its spin-waiting default collapses latency beside a busy neighbour
+# (hessian_service/compute_env.py). The user's environment wins; if torch is already
+# imported (a launcher imported it first), a warning says the defaults cannot apply.
+from hessian_service.compute_env import apply_compute_defaults
+
+apply_compute_defaults()
+
 import gc
 import logging
 from collections.abc import AsyncIterator
