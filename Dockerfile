@@ -73,6 +73,11 @@ ENV VIRTUAL_ENV=/opt/venv \
 ENV MALLOC_MMAP_THRESHOLD_=4294967296 \
     MALLOC_TRIM_THRESHOLD_=1000000000000
 
+# torch's OpenMP threads sleep when idle instead of spinning: beside a busy neighbour on
+# the host, spinning threads stall each parallel region (bench/contention.py). libgomp
+# reads it when torch loads; `docker run -e OMP_WAIT_POLICY=ACTIVE` overrides it.
+ENV OMP_WAIT_POLICY=PASSIVE
+
 COPY --from=builder /opt/venv /opt/venv
 
 WORKDIR /app
