@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -281,14 +281,13 @@ class _ProductOperation(OperatorOperation):
     request_schema = ProductRequest
     # The response's name of the products.
     value_name: ClassVar[str]
-
-    def engine_function(self) -> Any:
-        raise NotImplementedError
+    # The ``engine.operators`` function (a staticmethod: called without ``self``).
+    engine: ClassVar[Callable[..., operators.ProductResult]]
 
     def compute(self, module: nn.Module, x: torch.Tensor, selection: Selection) -> OperatorOutcome:
         vectors = self.operands(selection).vectors
         assert vectors is not None  # the request checks decoded them
-        result = self.engine_function()(module, x, vectors, **self.engine_options(selection))
+        result = self.engine(module, x, vectors, **self.engine_options(selection))
         return OperatorOutcome(
             values={self.value_name: result.values},
             output=result.output,
@@ -304,9 +303,7 @@ class HvpOperation(_ProductOperation):
     kind = DerivativeKind.HVP
     plan_kind = "hvp"
     value_name = "hvp"
-
-    def engine_function(self) -> Any:
-        return operators.hessian_vector_products
+    engine = staticmethod(operators.hessian_vector_products)
 
 
 class JvpOperation(_ProductOperation):
@@ -318,9 +315,7 @@ class JvpOperation(_ProductOperation):
     value_name = "jvp"
     all_outputs_by_default = True
     probed = DerivativeKind.JACOBIAN
-
-    def engine_function(self) -> Any:
-        return operators.jacobian_vector_products
+    engine = staticmethod(operators.jacobian_vector_products)
 
 
 class VjpOperation(_ProductOperation):
@@ -332,9 +327,7 @@ class VjpOperation(_ProductOperation):
     value_name = "vjp"
     all_outputs_by_default = True
     probed = DerivativeKind.JACOBIAN
-
-    def engine_function(self) -> Any:
-        return operators.vector_jacobian_products
+    engine = staticmethod(operators.vector_jacobian_products)
 
 
 class _EstimateOperation(OperatorOperation):
@@ -343,13 +336,12 @@ class _EstimateOperation(OperatorOperation):
 
     request_schema = EstimateRequest
     value_name: ClassVar[str]
-
-    def engine_function(self) -> Any:
-        raise NotImplementedError
+    # The ``engine.operators`` function (a staticmethod: called without ``self``).
+    engine: ClassVar[Callable[..., operators.Estimate]]
 
     def compute(self, module: nn.Module, x: torch.Tensor, selection: Selection) -> OperatorOutcome:
         operands = self.operands(selection)
-        result = self.engine_function()(
+        result = self.engine(
             module,
             x,
             exact=operands.exact,
@@ -377,9 +369,7 @@ class DiagonalOperation(_EstimateOperation):
     kind = DerivativeKind.HESSIAN_DIAGONAL
     plan_kind = "diagonal"
     value_name = "diagonal"
-
-    def engine_function(self) -> Any:
-        return operators.hessian_diagonal
+    engine = staticmethod(operators.hessian_diagonal)
 
 
 class TraceOperation(_EstimateOperation):
@@ -388,9 +378,7 @@ class TraceOperation(_EstimateOperation):
     kind = DerivativeKind.HESSIAN_TRACE
     plan_kind = "trace"
     value_name = "trace"
-
-    def engine_function(self) -> Any:
-        return operators.hessian_trace
+    engine = staticmethod(operators.hessian_trace)
 
 
 class EigenOperation(OperatorOperation):
