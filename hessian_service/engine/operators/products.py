@@ -65,40 +65,42 @@ class Mode(str, Enum):
 # --- one chunk of products, per mode ------------------------------------------------------
 
 
-def _hvp_forward_over_reverse(scalar: Callable[..., torch.Tensor]) -> ChunkFn:
+PerSample = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _vmapped(per_sample: PerSample) -> ChunkFn:
+    """A chunk that maps ``per_sample(flat, target, vectors)`` over its samples (vmap)."""
+
     def chunk(xs: torch.Tensor, ts: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
-        def per_sample(
-            flat: torch.Tensor, target: torch.Tensor, vectors: torch.Tensor
-        ) -> torch.Tensor:
-            gradient = grad(lambda z: scalar(z, target))
-
-            def one(v: torch.Tensor) -> torch.Tensor:
-                tangent: torch.Tensor = jvp(gradient, (flat,), (v,))[1]
-                return tangent
-
-            result: torch.Tensor = vmap(one)(vectors)
-            return result
-
         return run_differentiable(lambda: vmap(per_sample)(xs, ts, vs))
 
     return chunk
+
+
+def _hvp_forward_over_reverse(scalar: Callable[..., torch.Tensor]) -> ChunkFn:
+    def per_sample(flat: torch.Tensor, target: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        gradient = grad(lambda z: scalar(z, target))
+
+        def one(v: torch.Tensor) -> torch.Tensor:
+            tangent: torch.Tensor = jvp(gradient, (flat,), (v,))[1]
+            return tangent
+
+        result: torch.Tensor = vmap(one)(vectors)
+        return result
+
+    return _vmapped(per_sample)
 
 
 def _hvp_reverse_over_reverse(scalar: Callable[..., torch.Tensor]) -> ChunkFn:
-    def chunk(xs: torch.Tensor, ts: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
-        def per_sample(
-            flat: torch.Tensor, target: torch.Tensor, vectors: torch.Tensor
-        ) -> torch.Tensor:
-            def value(z: torch.Tensor) -> torch.Tensor:
-                return scalar(z, target)
+    def per_sample(flat: torch.Tensor, target: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        def value(z: torch.Tensor) -> torch.Tensor:
+            return scalar(z, target)
 
-            pullback = vjp(grad(value), flat)[1]
-            result: torch.Tensor = vmap(lambda v: pullback(v)[0])(vectors)
-            return result
+        pullback = vjp(grad(value), flat)[1]
+        result: torch.Tensor = vmap(lambda v: pullback(v)[0])(vectors)
+        return result
 
-        return run_differentiable(lambda: vmap(per_sample)(xs, ts, vs))
-
-    return chunk
+    return _vmapped(per_sample)
 
 
 def _grad_or_zeros(
@@ -112,16 +114,19 @@ def _grad_or_zeros(
     return torch.zeros_like(wrt) if gradient is None else gradient
 
 
-def _hvp_autograd(scalar: Callable[..., torch.Tensor]) -> ChunkFn:
-    def chunk(xs: torch.Tensor, ts: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+def _autograd_pullbacks(pulled: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> ChunkFn:
+    """A chunk of vector-Jacobian products of ``pulled(flat, target)`` with respect to the
+    input, by plain autograd, a sample and a vector at a time: ``[b, c, n]`` in the
+    input's dtype (the fallback when vmap cannot run the model)."""
+
+    def chunk(xs: torch.Tensor, ts: torch.Tensor, us: torch.Tensor) -> torch.Tensor:
         def compute() -> torch.Tensor:
-            out = torch.zeros_like(vs)
+            out = xs.new_zeros(us.shape[0], us.shape[1], xs.shape[1])
             for b in range(xs.shape[0]):
                 flat = xs[b].detach().requires_grad_(True)
-                value = scalar(flat, ts[b])
-                gradient = _grad_or_zeros(value, flat, torch.ones_like(value), create_graph=True)
-                for j in range(vs.shape[1]):
-                    out[b, j] = _grad_or_zeros(gradient, flat, vs[b, j], create_graph=False)
+                value = pulled(flat, ts[b])
+                for j in range(us.shape[1]):
+                    out[b, j] = _grad_or_zeros(value, flat, us[b, j], create_graph=False)
             return out
 
         return run_differentiable(compute)
@@ -129,21 +134,26 @@ def _hvp_autograd(scalar: Callable[..., torch.Tensor]) -> ChunkFn:
     return chunk
 
 
+def _hvp_autograd(scalar: Callable[..., torch.Tensor]) -> ChunkFn:
+    """``H v`` as the vector-Jacobian product of the gradient (built with its graph)."""
+
+    def gradient(flat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        value = scalar(flat, target)
+        return _grad_or_zeros(value, flat, torch.ones_like(value), create_graph=True)
+
+    return _autograd_pullbacks(gradient)
+
+
 def _jvp_forward(outputs: OutputsFn) -> ChunkFn:
-    def chunk(xs: torch.Tensor, ts: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
-        def per_sample(
-            flat: torch.Tensor, target: torch.Tensor, vectors: torch.Tensor
-        ) -> torch.Tensor:
-            def one(v: torch.Tensor) -> torch.Tensor:
-                tangent: torch.Tensor = jvp(lambda z: outputs(z, target), (flat,), (v,))[1]
-                return tangent
+    def per_sample(flat: torch.Tensor, target: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        def one(v: torch.Tensor) -> torch.Tensor:
+            tangent: torch.Tensor = jvp(lambda z: outputs(z, target), (flat,), (v,))[1]
+            return tangent
 
-            result: torch.Tensor = vmap(one)(vectors)
-            return result
+        result: torch.Tensor = vmap(one)(vectors)
+        return result
 
-        return run_differentiable(lambda: vmap(per_sample)(xs, ts, vs))
-
-    return chunk
+    return _vmapped(per_sample)
 
 
 def _jvp_autograd(outputs: OutputsFn) -> ChunkFn:
@@ -171,33 +181,18 @@ def _jvp_autograd(outputs: OutputsFn) -> ChunkFn:
 
 
 def _vjp_reverse(outputs: OutputsFn) -> ChunkFn:
-    def chunk(xs: torch.Tensor, ts: torch.Tensor, us: torch.Tensor) -> torch.Tensor:
-        def per_sample(
-            flat: torch.Tensor, target: torch.Tensor, covectors: torch.Tensor
-        ) -> torch.Tensor:
-            pullback = vjp(lambda z: outputs(z, target), flat)[1]
-            result: torch.Tensor = vmap(lambda u: pullback(u)[0])(covectors)
-            return result
+    def per_sample(
+        flat: torch.Tensor, target: torch.Tensor, covectors: torch.Tensor
+    ) -> torch.Tensor:
+        pullback = vjp(lambda z: outputs(z, target), flat)[1]
+        result: torch.Tensor = vmap(lambda u: pullback(u)[0])(covectors)
+        return result
 
-        return run_differentiable(lambda: vmap(per_sample)(xs, ts, us))
-
-    return chunk
+    return _vmapped(per_sample)
 
 
 def _vjp_autograd(outputs: OutputsFn) -> ChunkFn:
-    def chunk(xs: torch.Tensor, ts: torch.Tensor, us: torch.Tensor) -> torch.Tensor:
-        def compute() -> torch.Tensor:
-            out = xs.new_zeros(us.shape[0], us.shape[1], xs.shape[1])
-            for b in range(xs.shape[0]):
-                flat = xs[b].detach().requires_grad_(True)
-                value = outputs(flat, ts[b])
-                for j in range(us.shape[1]):
-                    out[b, j] = _grad_or_zeros(value, flat, us[b, j], create_graph=False)
-            return out
-
-        return run_differentiable(compute)
-
-    return chunk
+    return _autograd_pullbacks(outputs)
 
 
 # --- chunked, locked, counted ---------------------------------------------------------------
