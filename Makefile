@@ -10,7 +10,7 @@ TORCH_VERSION := 2.13.0
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 1000000000000
 
-.PHONY: setup setup-dev serve test lint pytest bench bench-quick bench-load soak browser nginx clean
+.PHONY: setup setup-dev serve test lint pytest bench bench-quick bench-load bench-contention soak browser nginx clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,10 @@ $(VENV)/.bench: $(VENV)/.dev
 setup: $(VENV)/.runtime
 setup-dev: $(VENV)/.dev
 
+# OMP_WAIT_POLICY=PASSIVE (unless set): torch's OpenMP threads sleep instead of spinning when
+# idle, which keeps latency near its fair share beside a busy neighbour (bench/contention.py).
 serve: setup
-	$(VENV)/bin/hessian-service serve --host $(HOST) --port $(PORT)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VENV)/bin/hessian-service serve --host $(HOST) --port $(PORT)
 
 # Headless Chromium for the /docs page test (Debian's package; needs root to install).
 browser:
@@ -71,6 +73,12 @@ bench: $(VENV)/.bench
 
 bench-quick: $(VENV)/.bench
 	$(PY) -m bench.run --quick $(BENCH_ARGS)
+
+# One mlp_tanh Hessian and one 32-sample digits_cnn Hessian batch, idle and beside bounded
+# neighbour processes (spin loop, torch matmuls, JAX jit, torch Hessians), for torch's OpenMP
+# defaults vs the service's (bench/contention.py); a few minutes on 2 cores.
+bench-contention: $(VENV)/.bench
+	$(PY) -m bench.contention $(CONTENTION_ARGS)
 
 # 32 concurrent clients of single-sample requests, dynamic batching on vs off (bench/load.py).
 bench-load: setup-dev
