@@ -1,8 +1,8 @@
 """The diagonal of each sample's input Hessian: exact where it fits, else estimated.
 
 ``STRATEGIES`` is the policy, tried in order: ``strategies.POLICY``, which diagonals and
-traces share, as they share ``strategies.solve``; ``compile_after`` lets the
-forward-Laplacian pass compile a hot shape (``torch.compile``).
+traces share, as they share ``strategies.make_problem`` and ``strategies.run``;
+``compile_after`` lets the forward-Laplacian pass compile a hot shape (``torch.compile``).
 """
 
 from __future__ import annotations
@@ -42,19 +42,19 @@ def hessian_diagonal(
     measure; without ``max_products`` the basis is used up to
     ``plan.AUTO_EXACT_PRODUCTS`` products), else the estimate.
     """
-    return strategies.solve(
+    problem = strategies.make_problem(
         "hessian_diagonal",
         "diagonal",
-        STRATEGIES,
         model,
         x,
-        output_index=output_index,
-        objective=objective,
-        exact=exact,
-        max_products=max_products,
-        max_work=max_work,
-        seed=seed,
-        memory_budget_bytes=memory_budget_bytes,
-        progress=progress,
+        output_index,
+        objective,
+        exact,
+        max_products,
+        max_work,
+        seed,
+        memory_budget_bytes,
+        progress,
         compile_after=compile_after,
     )
+    return strategies.run(problem, STRATEGIES, "hessian_diagonal")

@@ -2,8 +2,8 @@
 Hutch++.
 
 ``STRATEGIES`` is the policy, tried in order: ``strategies.POLICY``, which diagonals and
-traces share, as they share ``strategies.solve``; ``compile_after`` lets the
-forward-Laplacian pass compile a hot shape (``torch.compile``).
+traces share, as they share ``strategies.make_problem`` and ``strategies.run``;
+``compile_after`` lets the forward-Laplacian pass compile a hot shape (``torch.compile``).
 """
 
 from __future__ import annotations
@@ -39,19 +39,19 @@ def hessian_trace(
     The same choices as ``hessian_diagonal`` (``exact``, ``max_products``,
     ``max_work``); the estimate is Hutch++ with ``standard_error [B]``.
     """
-    return strategies.solve(
+    problem = strategies.make_problem(
         "hessian_trace",
         "trace",
-        STRATEGIES,
         model,
         x,
-        output_index=output_index,
-        objective=objective,
-        exact=exact,
-        max_products=max_products,
-        max_work=max_work,
-        seed=seed,
-        memory_budget_bytes=memory_budget_bytes,
-        progress=progress,
+        output_index,
+        objective,
+        exact,
+        max_products,
+        max_work,
+        seed,
+        memory_budget_bytes,
+        progress,
         compile_after=compile_after,
     )
+    return strategies.run(problem, STRATEGIES, "hessian_trace")
