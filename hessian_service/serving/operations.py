@@ -227,6 +227,23 @@ class OperatorOutcome:
     method: str
     converged: bool | None = None
 
+    @classmethod
+    def of(
+        cls,
+        result: operators.ProductResult | operators.Estimate,
+        values: dict[str, torch.Tensor],
+        *,
+        exact: bool,
+    ) -> OperatorOutcome:
+        """``values`` with the engine ``result``'s output, products and method."""
+        return cls(
+            values=values,
+            output=result.output,
+            products=result.products,
+            exact=exact,
+            method=result.method,
+        )
+
     @property
     def elements(self) -> int:
         """Numbers in the response's tensors (how large its body will be)."""
@@ -288,13 +305,7 @@ class _ProductOperation(OperatorOperation):
         vectors = self.operands(selection).vectors
         assert vectors is not None  # the request checks decoded them
         result = self.engine(module, x, vectors, **self.engine_options(selection))
-        return OperatorOutcome(
-            values={self.value_name: result.values},
-            output=result.output,
-            products=result.products,
-            exact=True,
-            method=result.method,
-        )
+        return OperatorOutcome.of(result, {self.value_name: result.values}, exact=True)
 
 
 class HvpOperation(_ProductOperation):
@@ -354,13 +365,7 @@ class _EstimateOperation(OperatorOperation):
         values = {self.value_name: result.values}
         if result.standard_error is not None:
             values["standard_error"] = result.standard_error
-        return OperatorOutcome(
-            values=values,
-            output=result.output,
-            products=result.products,
-            exact=result.exact,
-            method=result.method,
-        )
+        return OperatorOutcome.of(result, values, exact=result.exact)
 
 
 class DiagonalOperation(_EstimateOperation):
