@@ -337,6 +337,34 @@ def _vectors(
     return vectors.to(x.dtype)
 
 
+def _products(
+    kind: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    setup: Setup,
+    vectors: torch.Tensor,
+    flat: int,
+    value_shape: tuple[int, ...],
+    memory_budget_bytes: int,
+    progress: Progress,
+) -> ProductResult:
+    """The products of ``kind`` with ``vectors [B, m, *]`` (checked; ``flat`` numbers
+    each): planned in ``progress``, chunk by chunk (``ProductOperator.apply``), values
+    ``[B, m, *value_shape]``, with the model's output."""
+    m = vectors.shape[1]
+    progress.plan(setup.batch * m)
+    operator = ProductOperator(
+        kind, model, x, setup, memory_budget_bytes=memory_budget_bytes, progress=progress
+    )
+    values = operator.apply(vectors.reshape(setup.batch, m, flat))
+    return ProductResult(
+        values=values.reshape(setup.batch, m, *value_shape),
+        output=model_output(model, x, setup, memory_budget_bytes),
+        products=operator.products,
+        method=str(operator.mode),
+    )
+
+
 def hessian_vector_products(
     model: nn.Module,
     x: torch.Tensor,
@@ -356,17 +384,8 @@ def hessian_vector_products(
     name = "hessian_vector_products"
     setup = prepare(name, model, x, output_index=output_index, objective=objective, one_scalar=True)
     vs = _vectors(name, vectors, x, setup.sample_shape, "*in")
-    m = vs.shape[1]
-    progress.plan(setup.batch * m)
-    operator = ProductOperator(
-        "hvp", model, x, setup, memory_budget_bytes=memory_budget_bytes, progress=progress
-    )
-    values = operator.apply(vs.reshape(setup.batch, m, setup.n))
-    return ProductResult(
-        values=values.reshape(setup.batch, m, *setup.sample_shape),
-        output=model_output(model, x, setup, memory_budget_bytes),
-        products=operator.products,
-        method=str(operator.mode),
+    return _products(
+        "hvp", model, x, setup, vs, setup.n, setup.sample_shape, memory_budget_bytes, progress
     )
 
 
@@ -399,18 +418,8 @@ def jacobian_vector_products(
         name, model, x, output_index=output_index, objective=objective, one_scalar=False
     )
     vs = _vectors(name, vectors, x, setup.sample_shape, "*in")
-    m = vs.shape[1]
-    progress.plan(setup.batch * m)
-    operator = ProductOperator(
-        "jvp", model, x, setup, memory_budget_bytes=memory_budget_bytes, progress=progress
-    )
-    values = operator.apply(vs.reshape(setup.batch, m, setup.n))
-    return ProductResult(
-        values=values.reshape(setup.batch, m, *_selected_shape(setup)),
-        output=model_output(model, x, setup, memory_budget_bytes),
-        products=operator.products,
-        method=str(operator.mode),
-    )
+    shape = _selected_shape(setup)
+    return _products("jvp", model, x, setup, vs, setup.n, shape, memory_budget_bytes, progress)
 
 
 def vector_jacobian_products(
@@ -435,15 +444,7 @@ def vector_jacobian_products(
     )
     shape = _selected_shape(setup)
     us = _vectors(name, vectors, x, shape, "*out" if setup.all_outputs else "k")
-    m = us.shape[1]
-    progress.plan(setup.batch * m)
-    operator = ProductOperator(
-        "vjp", model, x, setup, memory_budget_bytes=memory_budget_bytes, progress=progress
-    )
-    values = operator.apply(us.reshape(setup.batch, m, max(1, math.prod(shape))))
-    return ProductResult(
-        values=values.reshape(setup.batch, m, *setup.sample_shape),
-        output=model_output(model, x, setup, memory_budget_bytes),
-        products=operator.products,
-        method=str(operator.mode),
+    flat = max(1, math.prod(shape))
+    return _products(
+        "vjp", model, x, setup, us, flat, setup.sample_shape, memory_budget_bytes, progress
     )
