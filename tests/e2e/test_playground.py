@@ -187,6 +187,11 @@ def test_a_drawn_digit_shows_the_forward_pass_class_and_the_hessian_in_the_colou
 ) -> None:
     playground = Playground(browser, server_url)
     page = playground.page
+    # Every ready model whose dense Hessian the page can draw, and not photo_digits_cnn
+    # (12,288 inputs: a 604 MB Hessian, served by the matrix-free routes instead).
+    listed = page.eval_on_selector_all("#model option", "options => options.map(o => o.value)")
+    assert "digits_cnn" in listed and "quadratic4" in listed
+    assert "photo_digits_cnn" not in listed
     page.select_option("#model", "digits_cnn")
     draw(playground, STROKE)
     playground.computed(1, lambda: page.click("#compute"))

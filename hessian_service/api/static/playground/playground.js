@@ -9,6 +9,9 @@ const $ = (id) => document.getElementById(id);
 const SIDE = 28;
 const IMAGE_SHAPE = "[1,28,28]";
 const TABLE_MAX = 16; // larger matrices get the heatmap only
+// The page fetches and draws the dense n x n Hessian: past this many inputs (digits: 784)
+// a model is left out of the picker; /hvp, /hessian/diagonal, /trace and /eigen serve it.
+const MAX_INPUTS = 4096;
 const BRUSH = 2.5; // stroke width in input pixels
 
 const state = {
@@ -369,7 +372,7 @@ async function start() {
   state.samples = samples.samples;
   const select = $("model");
   for (const model of listing.models) {
-    if (!model.ready || model.latest === false) continue;
+    if (!model.ready || model.latest === false || count(model.input_shape) > MAX_INPUTS) continue;
     state.models.set(model.name, model);
     select.append(new Option(`${model.name}  [${model.input_shape}]`, model.name));
   }
