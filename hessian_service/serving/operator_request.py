@@ -322,7 +322,8 @@ def _check_plan(
         raise TooLarge(
             f"{field}: the {route} result would be {format_bytes(plan.result_bytes)}, over "
             f"this server's limit of {format_bytes(limits.max_result_bytes)} "
-            "(max_result_bytes); send fewer samples or vectors per request, or use float32",
+            "(max_result_bytes); send fewer samples or vectors per request"
+            + (", or use float32" if request.precision == "float64" else ""),
             field=field,
             estimated_bytes=plan.result_bytes,
             limit_bytes=limits.max_result_bytes,

@@ -287,7 +287,8 @@ def _check_result_size(
         f"{field}: the {operation.kind} would be {format_bytes(size)} ({batch} "
         f"samples x {scalars} scalars x {per_scalar} entries x {itemsize} bytes), over this "
         f"server's limit of {format_bytes(limits.max_result_bytes)} (max_result_bytes); "
-        f"send fewer samples or output indices per request, or use float32{pieces}; "
+        f"send fewer samples or output indices per request"
+        f"{', or use float32' if itemsize > 4 else ''}{pieces}; "
         f"{operation.smaller_alternative(batch, scalars, n, itemsize)}",
         field=field,
         estimated_bytes=size,

@@ -69,6 +69,7 @@ def test_dense_hessian_is_a_413_that_names_the_matrix_free_operations(
     assert problem["limit_bytes"] == DEFAULT_MAX_RESULT_BYTES
     for route in MATRIX_FREE:
         assert route in problem["detail"], (route, problem["detail"])
+    assert "use float32" not in problem["detail"]  # it is float32 already
     routes = {alternative["route"]: alternative for alternative in problem["alternatives"]}
     assert set(MATRIX_FREE) <= set(routes)
     for route in MATRIX_FREE:
