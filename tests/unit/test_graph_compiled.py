@@ -65,3 +65,27 @@ def test_without_compile_after_nothing_is_compiled() -> None:
     plan = graph_plan_for(model, x, output_index=0)
     assert isinstance(plan, GraphPlan)
     assert compiled.state(plan, x, False) is None
+
+
+def test_a_compiled_pass_is_not_recompiled_by_its_callers_grad_mode() -> None:
+    """The engine is called with grad mode on (the service's worker) or off (a user's
+    no_grad block); the compiled graph must serve both without compiling again."""
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile's CPU backend needs a C++ compiler")
+    torch.manual_seed(1)
+    model = by_name("pinn_sin").build().double().eval()
+    x = torch.randn(32, 2, dtype=torch.float64)
+    plan = graph_plan_for(model, x, output_index=0)
+    assert isinstance(plan, GraphPlan)
+    graph_second_order(model, x, trace=True, output_index=0, compile_after=1)
+    entry = compiled.state(plan, x, True)
+    assert entry is not None and entry.done.wait(COMPILE_TIMEOUT_S), "no compile"
+    assert entry.state == "compiled", entry.error
+    counters = torch._dynamo.utils.counters
+    before = dict(counters["stats"])
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            result = graph_second_order(model, x, trace=True, output_index=0, compile_after=1)
+        assert result is not None
+        assert torch.allclose(result.values, _dense(model, x).sum(-1), rtol=TOLERANCE, atol=0)
+    assert dict(counters["stats"]).get("unique_graphs", 0) == before.get("unique_graphs", 0)

@@ -76,7 +76,8 @@ def second_order(
         if start:
             entry.state = "compiling"
     if compiled is not None:
-        return compiled(x, targets)
+        with torch.no_grad():  # as it was compiled: a grad-mode change would recompile
+            return compiled(x, targets)
     if start:
         _start_compile(graph_plan, x, targets, trace, n, entry)
     return laplacian.second_order(graph_plan, x, targets, trace=trace, columns=n)
