@@ -38,6 +38,17 @@ from hessian_service.compute_env import with_compute_defaults
 from hessian_service.local_server import ALLOCATOR_ENV, uvicorn_command
 
 DEFAULT_URL = os.environ.get("HESSIAN_URL", "http://127.0.0.1:8000")
+# Each uvicorn worker would hold its own registry, uploads, jobs and metrics: after a
+# POST /models answered 201, 9 of 12 GET /models/my_net answered 404 and the metrics total
+# read differently on every scrape. Until workers share that state, more than one is
+# refused, pointing to replicas behind a load balancer.
+WORKERS_REFUSED = (
+    "hessian-service serve: --workers {workers} is not supported: each worker process would "
+    "keep its own models, uploads, jobs and metrics, so answers would differ from request "
+    "to request. Run one server per process or machine behind a load balancer instead: "
+    "deploy/nginx.conf in front of N replicas (README, 'Replicas behind nginx'), or "
+    "Kubernetes replicas (deploy/k8s)."
+)
 # What `serve` runs on; the client commands need none of them.
 SERVER_PACKAGES = ("uvicorn", "fastapi", "torch")
 
@@ -50,6 +61,9 @@ def _serve(args: argparse.Namespace) -> int:
     Checks first (without importing them) that the server's packages are installed in
     this interpreter, so a missing one is one clear line, not a child's traceback.
     """
+    if args.workers != 1:
+        print(WORKERS_REFUSED.format(workers=args.workers), file=sys.stderr)
+        return 2
     missing = [name for name in SERVER_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         print(
@@ -61,7 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     # The OpenMP defaults (compute_env.py): libgomp reads them when torch loads; yours win.
     env = with_compute_defaults({**ALLOCATOR_ENV, **os.environ})
-    options = ["--workers", str(args.workers)] if args.workers > 1 else []
+    options = []
     if args.no_access_log:
         options.append("--no-access-log")
     os.execve(sys.executable, uvicorn_command(args.host, args.port, options), env)
@@ -415,7 +429,13 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="1 only: several workers would not share models, uploads or metrics; run "
+        "replicas behind deploy/nginx.conf instead",
+    )
     serve.add_argument("--no-access-log", action="store_true", help="no per-request log")
     models = commands.add_parser(
         "models",

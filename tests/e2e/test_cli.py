@@ -213,3 +213,12 @@ def test_serve_runs_the_server_with_the_allocator_settings() -> None:
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+def test_serve_refuses_several_workers_and_points_to_replicas() -> None:
+    """Workers would each keep their own models, uploads and metrics (a model uploaded to
+    one is a 404 on the others), so the offered flag refuses more than one, at once."""
+    result = cli("serve", "--workers", "2", "--port", "1")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "--workers 2 is not supported" in result.stderr
+    assert "deploy/nginx.conf" in result.stderr and "replicas" in result.stderr
