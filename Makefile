@@ -20,8 +20,10 @@ $(VENV)/.runtime: $(PY) pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
+# The tests' tools, and the [ray] extra for the Ray Serve smoke test (tests/e2e/test_ray_serve.py):
+# `make test` installs it, `make serve` (the runtime stamp alone) never does.
 $(VENV)/.dev: $(VENV)/.runtime
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,ray]'
 	touch $@
 
 # The benchmark's peers (JAX): the `bench` extra, in its own stamp so `make test` never needs it.
