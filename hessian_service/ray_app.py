@@ -174,14 +174,16 @@ def main(argv: list[str] | None = None) -> None:
     from ray import serve
 
     ray.init(address="local", include_dashboard=False, _node_ip_address=LOCALHOST)
-    serve.start(http_options={"host": parsed.host, "port": parsed.port})
-    app = build_app({"max_replicas": parsed.max_replicas, "num_cpus": parsed.num_cpus})
-    serve.run(app, name=DEPLOYMENT_NAME, route_prefix="/")
-    print(f"serving on http://{parsed.host}:{parsed.port} (Ctrl-C stops)", flush=True)
     try:
+        serve.start(http_options={"host": parsed.host, "port": parsed.port})
+        app = build_app({"max_replicas": parsed.max_replicas, "num_cpus": parsed.num_cpus})
+        serve.run(app, name=DEPLOYMENT_NAME, route_prefix="/")
+        print(f"serving on http://{parsed.host}:{parsed.port} (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        pass
+    finally:
         serve.shutdown()  # type: ignore[no-untyped-call,unused-ignore]
         ray.shutdown()  # type: ignore[no-untyped-call,unused-ignore]
 
