@@ -47,6 +47,13 @@ def free_port(host: str = LOCALHOST) -> int:
         return port
 
 
+# The event loop and HTTP parser the service is tested and measured with, named: uvicorn's
+# "auto" takes uvloop and httptools wherever they are installed (the [ray] extra brings
+# both), so the same command would otherwise run another stack in the dev venv than in the
+# image (which has neither). Whether they measure better is the wire work's to show.
+PROTOCOL_OPTIONS = ("--loop", "asyncio", "--http", "h11")
+
+
 def uvicorn_command(host: str, port: int, options: Sequence[str] = ()) -> list[str]:
     """``python -m uvicorn hessian_service.main:app`` on ``host:port``, with uvicorn ``options``.
 
@@ -55,7 +62,7 @@ def uvicorn_command(host: str, port: int, options: Sequence[str] = ()) -> list[s
     packages whether or not the venv is activated.
     """
     command = [sys.executable, "-m", "uvicorn", "hessian_service.main:app", "--host", host]
-    return [*command, "--port", str(port), *options]
+    return [*command, "--port", str(port), *PROTOCOL_OPTIONS, *options]
 
 
 def server_env(settings: Mapping[str, str]) -> dict[str, str]:
