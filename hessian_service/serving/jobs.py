@@ -304,7 +304,7 @@ def products_per_sample(prepared: PreparedRequest) -> int:
         scalars = math.prod(manifest.output_shape)
     else:
         scalars = len(index) if isinstance(index, list) else 1
-    rows = getattr(prepared, "rows", None)  # a block of a Hessian's rows: (start, stop)
+    rows = prepared.rows  # a block of a Hessian's rows: (start, stop), or None
     per_scalar = n ** (prepared.operation.axes_per_scalar - 1)
     if rows is not None and prepared.operation.axes_per_scalar == 2:
         per_scalar = int(rows[1]) - int(rows[0])

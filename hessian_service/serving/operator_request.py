@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
-from hessian_service.engine import DerivativeKind, Objective, workload
+from hessian_service.engine import DerivativeKind, Objective
 from hessian_service.engine.operators import OperatorPlan, plan_operator
 from hessian_service.errors import InvalidInput, TooLarge
 from hessian_service.repository.registry import LoadedModel
+from hessian_service.serving.inference import FLOAT_DATATYPES
 from hessian_service.serving.operations import Operands, OperatorOperation
 from hessian_service.serving.request import (
     PRECISIONS,
@@ -32,9 +33,10 @@ from hessian_service.serving.request import (
     _check_output_index,
     _input_batch,
     engine_objective,
+    model_activations,
 )
 from hessian_service.units import format_bytes
-from hessian_service.wire import codec
+from hessian_service.wire import codec, precision
 from hessian_service.wire.operator_schemas import (
     EigenRequest,
     EstimateRequest,
@@ -107,23 +109,21 @@ def prepare_operator(
     n = math.prod(manifest.input_shape)
     m, per_sample = _vector_count(operation, request, manifest, batch, operator_limits)
     _check_counts(request, n, operator_limits)
-    dtype = PRECISIONS[request.precision]
-    activations = workload.activation_elements(
-        model.module, tuple(manifest.input_shape), PRECISIONS[manifest.dtype], model.device
-    )
+    activations = model_activations(model)
+    max_work = limits.max_work if activations is not None else None
     planned = functools.partial(
         plan_operator,
         operation.plan_kind,
         n=n,
         batch=batch,
         activation_numel=activations if activations is not None else n,
-        itemsize=torch.empty((), dtype=dtype).element_size(),
+        itemsize=precision.itemsize(request.precision),
         memory_budget_bytes=operator_limits.memory_budget_bytes,
         vectors=m,
         outputs=_selected_outputs(request, outputs),
         k=request.k if isinstance(request, EigenRequest) else 5,
         exact=request.exact if isinstance(request, EstimateRequest) else None,
-        max_work=limits.max_work if activations is not None else None,
+        max_work=max_work,
     )
     max_products = _max_products(request)
     plan = planned(max_products=max_products)
@@ -135,7 +135,7 @@ def prepare_operator(
             field="max_products",
         )
     _check_plan(operation, request, plan, batch, m, activations, limits, operator_limits)
-    max_work = limits.max_work if activations is not None else None
+    dtype = PRECISIONS[request.precision]
     objective = engine_objective(request, outputs, batch)
     x = codec.decode_tensor(request.inputs[0], "inputs[0]")
     x = (x if batched else x.unsqueeze(0)).to(device=model.device, dtype=dtype)
@@ -250,9 +250,10 @@ def _vector_count(
 
 
 def _check_vector_datatype(vectors: TensorObject) -> None:
-    if vectors.datatype not in ("FP16", "BF16", "FP32", "FP64"):
+    if vectors.datatype not in FLOAT_DATATYPES:
         raise InvalidInput(
-            f"vectors.datatype: expected a floating-point datatype (FP16, BF16, FP32, FP64), "
+            f"vectors.datatype: expected a floating-point datatype "
+            f"({', '.join(FLOAT_DATATYPES)}), "
             f"got {vectors.datatype}",
             field="vectors.datatype",
         )

@@ -17,14 +17,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from hessian_service.engine import workload
 from hessian_service.engine.operators import OperatorPlan, plan_operator
 from hessian_service.errors import TooLarge
 from hessian_service.repository.registry import LoadedModel
-from hessian_service.serving.request import PRECISIONS
+from hessian_service.serving.request import model_activations
 from hessian_service.units import format_bytes
+from hessian_service.wire import precision
 from hessian_service.wire.schemas import DerivativeRequest
 
 # Eigenpairs the /hessian/eigen suggestion is planned for (its request default).
@@ -147,15 +145,12 @@ def advise(
     manifest = model.manifest
     n = math.prod(manifest.input_shape)
     batch = max(1, math.prod(request.inputs[0].shape) // n)
-    dtype = PRECISIONS[request.precision]
-    activations = workload.activation_elements(
-        model.module, tuple(manifest.input_shape), PRECISIONS[manifest.dtype], model.device
-    )
+    activations = model_activations(model)
     alternatives = dense_hessian_alternatives(
         n=n,
         batch=batch,
         activations=activations if activations is not None else n,
-        itemsize=8 if dtype == torch.float64 else 4,
+        itemsize=precision.itemsize(request.precision),
         budget=budget,
     )
     return with_alternatives(error, alternatives)

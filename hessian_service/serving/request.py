@@ -86,6 +86,15 @@ class PreparedRequest:
         )
 
 
+def model_activations(model: LoadedModel) -> int | None:
+    """Elements one forward pass of one sample creates (measured once and kept;
+    ``engine.workload``), or None where it cannot be measured: the work estimates' unit."""
+    manifest = model.manifest
+    return workload.activation_elements(
+        model.module, tuple(manifest.input_shape), PRECISIONS[manifest.dtype], model.device
+    )
+
+
 def prepare(
     operation: Operation, request: DerivativeRequest, model: LoadedModel, limits: RequestLimits
 ) -> PreparedRequest:
@@ -317,10 +326,7 @@ def _check_work(
     rows are (one product per row)."""
     if limit is None:
         return
-    manifest = model.manifest
-    activations = workload.activation_elements(
-        model.module, tuple(manifest.input_shape), PRECISIONS[manifest.dtype], model.device
-    )
+    activations = model_activations(model)
     if activations is None:
         return
     kind = operation.kind
@@ -332,7 +338,7 @@ def _check_work(
     passes = workload.passes_per_sample(kind, inputs=n, scalars=scalars)
     fitting = limit // (passes * activations)
     advice = (
-        f"send at most {fitting} samples of {manifest.name!r} per request"
+        f"send at most {fitting} samples of {model.manifest.name!r} per request"
         if fitting >= 1
         else "even one sample is over it"
     )
