@@ -3,7 +3,7 @@
 The matrix-free operators (Hessian-vector products, diagonals, traces, eigenpairs) and the
 chunked dense paths do their work in chunks of products (one product: one Hessian-vector,
 Jacobian-vector or vector-Jacobian product, or one row of a dense matrix). Between chunks
-they call ``Progress.advance``: the counter a job's ``GET /jobs/{id}`` reads, and the one
+they call ``Progress.advance``: the counter a poller reads (a job's progress), and the one
 point where a cancelled job stops (``Cancelled``), so that the worker is free within one
 chunk. Engine code takes an optional ``progress`` and uses ``NO_PROGRESS`` without one.
 

@@ -21,13 +21,21 @@ from hessian_service.engine.differentiable import run_differentiable
 from hessian_service.engine.generic import ScalarsFn, ScalarsWithOutputFn
 
 
-def _grad(output: torch.Tensor, wrt: torch.Tensor, *, create_graph: bool) -> torch.Tensor:
+def gradient(
+    output: torch.Tensor,
+    wrt: torch.Tensor,
+    direction: torch.Tensor | None = None,
+    *,
+    create_graph: bool,
+) -> torch.Tensor:
+    """``d(direction . output) / d wrt`` by autograd (``direction`` None: a scalar
+    output), exact zeros where the output does not depend on ``wrt``."""
     if not output.requires_grad:  # the output does not depend on the input at all
         return torch.zeros_like(wrt)
-    (gradient,) = torch.autograd.grad(
-        output, wrt, retain_graph=True, create_graph=create_graph, allow_unused=True
+    (found,) = torch.autograd.grad(
+        output, wrt, direction, retain_graph=True, create_graph=create_graph, allow_unused=True
     )
-    return torch.zeros_like(wrt) if gradient is None else gradient
+    return torch.zeros_like(wrt) if found is None else found
 
 
 def hessian(scalars: ScalarsFn, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -41,8 +49,8 @@ def hessian(scalars: ScalarsFn, x: torch.Tensor, targets: torch.Tensor) -> torch
             values = scalars(flat.reshape(sample_shape), target)
             matrices = []
             for value in values:
-                gradient = _grad(value, flat, create_graph=True)
-                rows = [_grad(entry, flat, create_graph=False) for entry in gradient]
+                first = gradient(value, flat, create_graph=True)
+                rows = [gradient(entry, flat, create_graph=False) for entry in first]
                 matrices.append(torch.stack(rows))
             per_sample.append(torch.stack(matrices))
         return torch.stack(per_sample)
@@ -61,7 +69,7 @@ def jacobian(
         for sample, target in zip(x, targets, strict=True):
             flat = sample.reshape(-1).detach().requires_grad_(True)
             values, output = scalars(flat.reshape(sample_shape), target)
-            matrices.append(torch.stack([_grad(v, flat, create_graph=False) for v in values]))
+            matrices.append(torch.stack([gradient(v, flat, create_graph=False) for v in values]))
             outputs.append(output.detach())
         return torch.stack(matrices), torch.stack(outputs)
 

@@ -29,7 +29,11 @@ from torch import fx
 from hessian_service.engine.graph import batched
 from hessian_service.engine.graph.direct import _expanded, _Runner, _tangent
 from hessian_service.engine.graph.plan import GraphPlan
-from hessian_service.engine.graph.pointwise import second_derivatives
+from hessian_service.engine.graph.pointwise import (
+    FIRST_CLOSED_FORMS,
+    SECOND_FROM_OUTPUT,
+    second_derivatives,
+)
 from hessian_service.engine.graph.rules import RuleKind, op_name, tensor_args
 
 ContractionCall = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -124,22 +128,9 @@ def _pass(
     return seconds[0] if trace else seconds.permute(1, 2, 0)
 
 
-def _tanh_derivatives(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    first = 1 - y * y
-    return first, first * y * -2.0
-
-
-def _sigmoid_derivatives(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    first = y * (1 - y)
-    return first, first * (1 - 2 * y)
-
-
-# Unary operators whose first and second derivatives follow from the output alone: no
-# second evaluation of the operator, one fused update of all columns.
-FROM_OUTPUT: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
-    "tanh": _tanh_derivatives,
-    "sigmoid": _sigmoid_derivatives,
-}
+# Unary operators whose f' and f'' follow from their output alone (the pointwise tables):
+# no second evaluation of the operator, one fused update of all columns.
+FROM_OUTPUT = frozenset(SECOND_FROM_OUTPUT)
 
 
 def _unary_from_output(
@@ -151,7 +142,9 @@ def _unary_from_output(
     assert isinstance(source, torch.Tensor) and isinstance(output, torch.Tensor)
     rank = batched._rank(node)
     source = batched._lift(source, 2, rank)
-    first, second = FROM_OUTPUT[op_name(node)](output)
+    name = op_name(node)
+    first = FIRST_CLOSED_FORMS[name](output, output)  # tanh, sigmoid: f' from y alone
+    second = SECOND_FROM_OUTPUT[name](output)
     carried = source * first
     tangents = source[:c]
     squares = tangents * tangents

@@ -22,20 +22,16 @@ from hessian_service.engine.graph.rules import NodeRule, call_with, op_name
 Second = dict[tuple[int, int], torch.Tensor]
 
 
-def _tanh(u: torch.Tensor) -> torch.Tensor:
-    y = torch.tanh(u)
-    return -2 * y * (1 - y * y)
-
-
-def _sigmoid(u: torch.Tensor) -> torch.Tensor:
-    s = torch.sigmoid(u)
-    return s * (1 - s) * (1 - 2 * s)
-
+# Unary operators whose f'' follows from their output y alone: y -> f''(u).
+SECOND_FROM_OUTPUT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "tanh": lambda y: -2 * y * (1 - y * y),
+    "sigmoid": lambda y: y * (1 - y) * (1 - 2 * y),
+}
 
 # Unary operators (one tensor argument): u -> f''(u).
 CLOSED_FORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "tanh": _tanh,
-    "sigmoid": _sigmoid,
+    "tanh": lambda u: SECOND_FROM_OUTPUT["tanh"](torch.tanh(u)),
+    "sigmoid": lambda u: SECOND_FROM_OUTPUT["sigmoid"](torch.sigmoid(u)),
     "sin": lambda u: -torch.sin(u),
     "cos": lambda u: -torch.cos(u),
     "exp": torch.exp,

@@ -44,6 +44,7 @@ from hessian_service.engine.operators.selection import (
 )
 from hessian_service.engine.planner import DEFAULT_MEMORY_BUDGET_BYTES
 from hessian_service.engine.progress import NO_PROGRESS, Progress
+from hessian_service.engine.rowloop import gradient
 
 # Flat samples [b, n], their targets, vectors [b, c, *] -> products [b, c, *].
 ChunkFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -103,17 +104,6 @@ def _hvp_reverse_over_reverse(scalar: Callable[..., torch.Tensor]) -> ChunkFn:
     return _vmapped(per_sample)
 
 
-def _grad_or_zeros(
-    output: torch.Tensor, wrt: torch.Tensor, direction: torch.Tensor, *, create_graph: bool
-) -> torch.Tensor:
-    if not output.requires_grad:  # does not depend on ``wrt``: exact zeros
-        return torch.zeros_like(wrt)
-    (gradient,) = torch.autograd.grad(
-        output, wrt, direction, retain_graph=True, create_graph=create_graph, allow_unused=True
-    )
-    return torch.zeros_like(wrt) if gradient is None else gradient
-
-
 def _autograd_pullbacks(pulled: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> ChunkFn:
     """A chunk of vector-Jacobian products of ``pulled(flat, target)`` with respect to the
     input, by plain autograd, a sample and a vector at a time: ``[b, c, n]`` in the
@@ -126,7 +116,7 @@ def _autograd_pullbacks(pulled: Callable[[torch.Tensor, torch.Tensor], torch.Ten
                 flat = xs[b].detach().requires_grad_(True)
                 value = pulled(flat, ts[b])
                 for j in range(us.shape[1]):
-                    out[b, j] = _grad_or_zeros(value, flat, us[b, j], create_graph=False)
+                    out[b, j] = gradient(value, flat, us[b, j], create_graph=False)
             return out
 
         return run_differentiable(compute)
@@ -137,11 +127,11 @@ def _autograd_pullbacks(pulled: Callable[[torch.Tensor, torch.Tensor], torch.Ten
 def _hvp_autograd(scalar: Callable[..., torch.Tensor]) -> ChunkFn:
     """``H v`` as the vector-Jacobian product of the gradient (built with its graph)."""
 
-    def gradient(flat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def first(flat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         value = scalar(flat, target)
-        return _grad_or_zeros(value, flat, torch.ones_like(value), create_graph=True)
+        return gradient(value, flat, torch.ones_like(value), create_graph=True)
 
-    return _autograd_pullbacks(gradient)
+    return _autograd_pullbacks(first)
 
 
 def _jvp_forward(outputs: OutputsFn) -> ChunkFn:
@@ -167,11 +157,9 @@ def _jvp_autograd(outputs: OutputsFn) -> ChunkFn:
                 flat = xs[b].detach().requires_grad_(True)
                 value = outputs(flat, ts[b])
                 dummy = torch.zeros_like(value, requires_grad=True)
-                pulled = _grad_or_zeros(value, flat, dummy, create_graph=True)
+                pulled = gradient(value, flat, dummy, create_graph=True)
                 rows.append(
-                    torch.stack(
-                        [_grad_or_zeros(pulled, dummy, v, create_graph=False) for v in vs[b]]
-                    )
+                    torch.stack([gradient(pulled, dummy, v, create_graph=False) for v in vs[b]])
                 )
             return torch.stack(rows)
 

@@ -153,9 +153,8 @@ def forward_laplacian(problem: Problem) -> Estimate | Declined:
     )
     if found is None:
         return Declined("forward Laplacian: the graph engine cannot run this model")
-    values = found.values if problem.kind == "trace" else found.values.reshape(problem.x.shape)
     return Estimate(
-        values=values,
+        values=found.values,  # [B] or already in the input's shape
         standard_error=None,
         exact=True,
         products=setup.batch * setup.n,
