@@ -27,6 +27,7 @@ from hessian_service.api.examples import digit_image
 from hessian_service.config import Settings
 from hessian_service.main import create_app
 from tests.device import TEST_DEVICE
+from tests.unit.operators_helpers import bundled
 
 PROBLEM = "application/problem+json"
 ENCODINGS = ["json", "base64", "binary"]
@@ -48,13 +49,14 @@ def _fp64(array: np.ndarray, encoding: str) -> dict[str, Any]:
 
 class Reference:
     """One model at the digit, in float64: its output, Jacobian and the dense Hessian of
-    logit ``INDEX``, computed with torch.func (no service code)."""
+    logit ``INDEX``, computed with torch.func on the shipped weights loaded here (no
+    service code: not the registry's loader either)."""
 
     def __init__(self, client: TestClient, name: str) -> None:
         loaded = client.app.state.registry.get(name)  # type: ignore[attr-defined]
         self.name = name
         self.shape = list(loaded.manifest.input_shape)
-        module = loaded.for_dtype(torch.float64)
+        module = bundled(name)
         x = torch.tensor(digit_image(), dtype=torch.float64).reshape(1, *self.shape)
         self.x = x.numpy().reshape(self.shape)
 
@@ -181,8 +183,9 @@ def test_exact_diagonal_and_trace_equal_the_dense_hessian(
 def test_estimates_report_exact_false_and_standard_errors(
     client: TestClient, cnn: Reference
 ) -> None:
-    """A seeded estimate (deterministic) lies within 4 of its own standard errors of the
-    dense value; the diagonal's errors are per entry, in the input's shape."""
+    """A seeded estimate (deterministic): the trace lies within 4 of its own standard
+    errors of the dense value, and at least 95% of the diagonal's entries within 4 of
+    theirs (errors per entry, in the input's shape)."""
     body, arrays = _post(
         client,
         "/hessian/trace",

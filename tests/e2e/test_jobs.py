@@ -37,7 +37,7 @@ from hessian_client._wire import decode_response
 
 from tests.e2e.conftest import ROOT, running_server
 
-LONG_SAMPLES = 200  # 157,000 products, 490 MiB if it ran to the end (under 512)
+LONG_SAMPLES = 200  # 156,800 products, 469 MiB if it ran to the end (under 512)
 PRODUCTS_PER_SAMPLE = 784  # digits_cnn: one Hessian row per product, 784 rows a sample
 # Slack on top of the measured bound: scheduling on 2 shared cores, HTTP round trips.
 SLACK_S = 0.35

@@ -35,6 +35,11 @@ def scalar_of(model: nn.Module, shape: tuple[int, ...], index: int) -> Callable[
     return scalar
 
 
+def dense_diagonals(model: nn.Module, x: torch.Tensor, index: int) -> torch.Tensor:
+    """``[B, *sample_shape]``: the diagonals of ``dense_hessians`` (no engine code)."""
+    return torch.diagonal(dense_hessians(model, x, index), dim1=-2, dim2=-1).reshape(x.shape)
+
+
 def dense_hessians(model: nn.Module, x: torch.Tensor, index: int) -> torch.Tensor:
     """``[B, n, n]`` by ``torch.func.jacfwd(jacrev)`` per sample: no engine code (the math
     attention kernel, whose backward has a derivative, as the tests of the graph table)."""

@@ -5,6 +5,7 @@ and diagonal (1e-10 relative), before, during and after the compile."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -15,23 +16,28 @@ from hessian_service.engine import graph_second_order
 from hessian_service.engine.api import graph_plan_for
 from hessian_service.engine.graph import compiled
 from hessian_service.engine.graph.plan import GraphPlan
+from tests.unit.operators_helpers import dense_diagonals
 
 TOLERANCE = 1e-10
 COMPILE_TIMEOUT_S = 240.0
 
 
 def _dense(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    def scalar(sample: torch.Tensor) -> torch.Tensor:
-        return model(sample.unsqueeze(0)).reshape(-1)[0]
-
-    return torch.stack([torch.func.hessian(scalar)(s).diagonal() for s in x])
+    return dense_diagonals(model, x, 0)
 
 
-@pytest.mark.skipif(
-    shutil.which("g++") is None and shutil.which("c++") is None,
-    reason="torch.compile's CPU backend needs a C++ compiler",
-)
+def _need_a_compiler() -> None:
+    """torch.compile's CPU backend needs a C++ compiler: skipped without one here, failed
+    in CI (its machine has one; these are the only tests of the compiled path)."""
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        message = "no C++ compiler for torch.compile's CPU backend"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + " -- CI must run the compiled-pass tests")
+        pytest.skip(message)
+
+
 def test_the_third_call_compiles_and_every_call_is_exact() -> None:
+    _need_a_compiler()
     torch.manual_seed(0)
     model = by_name("pinn_tanh").build().double().eval()
     x = torch.randn(64, 2, dtype=torch.float64)
@@ -70,8 +76,7 @@ def test_without_compile_after_nothing_is_compiled() -> None:
 def test_a_compiled_pass_is_not_recompiled_by_its_callers_grad_mode() -> None:
     """The engine is called with grad mode on (the service's worker) or off (a user's
     no_grad block); the compiled graph must serve both without compiling again."""
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        pytest.skip("torch.compile's CPU backend needs a C++ compiler")
+    _need_a_compiler()
     torch.manual_seed(1)
     model = by_name("pinn_sin").build().double().eval()
     x = torch.randn(32, 2, dtype=torch.float64)

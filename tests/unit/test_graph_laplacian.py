@@ -14,6 +14,7 @@ from hessian_service.engine.api import graph_plan_for
 from hessian_service.engine.graph import laplacian
 from hessian_service.engine.graph.plan import GraphPlan
 from hessian_service.engine.progress import Cancelled, Progress
+from tests.unit.operators_helpers import dense_diagonals
 
 TOLERANCE = 1e-10
 
@@ -22,13 +23,6 @@ def _model_and_inputs() -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model = by_name("residual_mlp").build().double().eval()
     return model, torch.randn(4, 16, dtype=torch.float64)
-
-
-def _dense_diagonal(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    def scalar(sample: torch.Tensor) -> torch.Tensor:
-        return model(sample.unsqueeze(0)).reshape(-1)[0]
-
-    return torch.stack([torch.func.hessian(scalar)(s).diagonal() for s in x])
 
 
 def _column_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -46,7 +40,7 @@ def test_a_small_budget_sums_several_passes_to_the_dense_diagonal() -> None:
     )
     assert result is not None
     assert result.columns == 3 and result.passes == 4 * 6  # 4 samples x ceil(16 / 3) passes
-    expected = _dense_diagonal(model, x)
+    expected = dense_diagonals(model, x, 0)
     assert float((result.values - expected).abs().max()) <= TOLERANCE * float(expected.abs().max())
     trace = graph_second_order(model, x, trace=True, output_index=0, memory_budget_bytes=budget)
     assert trace is not None
