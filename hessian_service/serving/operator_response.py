@@ -14,7 +14,7 @@ from typing import Any
 
 from hessian_service.serving.operations import OperatorOutcome
 from hessian_service.serving.operator_request import PreparedOperator
-from hessian_service.serving.response import random_notes
+from hessian_service.serving.response import common_metadata, random_notes
 from hessian_service.wire import codec
 
 
@@ -36,13 +36,7 @@ def describe_operator(
             codec.tensor_object("output", output, request.encoding),
         ],
         "metadata": {
-            "output_index": request.output_index,
-            "objective": prepared.objective.describe() if prepared.objective else "output",
-            "sample_shape": list(manifest.input_shape),
-            "batch_size": int(prepared.x.shape[0]) if prepared.batched else None,
-            "method": outcome.method,
-            "device": str(prepared.x.device),
-            "precision": request.precision,
+            **common_metadata(prepared, outcome.method),
             "compute_ms": round(compute_ms, 3),
             "products": outcome.products,
             "exact": outcome.exact,

@@ -10,7 +10,7 @@ body keeps tensors as tensor objects whose data the codec writes (``wire.codec``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,13 +21,30 @@ from hessian_service.serving.request import PreparedRequest
 from hessian_service.wire import codec, png
 from hessian_service.wire.binary import Encoded
 
+if TYPE_CHECKING:  # types only: operator_request builds on request, as this module does
+    from hessian_service.serving.operator_request import Prepared
+
+
+def common_metadata(prepared: Prepared, method: object) -> dict[str, Any]:
+    """The metadata every derivative response starts with (dense or matrix-free): what
+    was selected, the sample shape and batch, what ran, where, in which precision."""
+    request = prepared.request
+    return {
+        "output_index": request.output_index,
+        "objective": prepared.objective.describe() if prepared.objective else "output",
+        "sample_shape": list(prepared.model.manifest.input_shape),
+        "batch_size": int(prepared.x.shape[0]) if prepared.batched else None,
+        "method": method,
+        "device": str(prepared.x.device),
+        "precision": request.precision,
+    }
+
 
 def describe(
     prepared: PreparedRequest, result: DerivativeResult, compute_ms: float
 ) -> dict[str, Any]:
     """The response body of ``prepared``, computed as ``result`` in ``compute_ms``."""
     request, manifest, operation = prepared.request, prepared.model.manifest, prepared.operation
-    sample_shape = list(manifest.input_shape)
     matrix, shape_meta = shaping.lay_out(prepared, result.selected)  # layout, rows, packing
     output = result.output
     if not prepared.batched:
@@ -43,13 +60,7 @@ def describe(
             codec.tensor_object("output", output, request.encoding),
         ],
         "metadata": {
-            "output_index": request.output_index,
-            "objective": prepared.objective.describe() if prepared.objective else "output",
-            "sample_shape": sample_shape,
-            "batch_size": int(prepared.x.shape[0]) if prepared.batched else None,
-            "method": result.method,
-            "device": str(prepared.x.device),
-            "precision": request.precision,
+            **common_metadata(prepared, result.method),
             "layout": request.layout,
             **shape_meta,
             **precision_meta,
