@@ -210,7 +210,7 @@ def _derivative_parser(commands: Any, kind: str, summary: str) -> None:
         "--objective",
         metavar="JSON",
         help='a scalar built on the output instead of --output-index, e.g. \'{"type": '
-        '"cross_entropy", "target": 3}\' (sum, log_softmax, mse, cross_entropy)',
+        '"cross_entropy", "target": 3}\' (sum, log_softmax, mse, cross_entropy, weighted_sum)',
     )
     parser.add_argument(
         "--layout",

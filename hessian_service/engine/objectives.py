@@ -22,6 +22,7 @@ class ObjectiveKind(_WireEnum):
     LOG_SOFTMAX = "log_softmax"
     MSE = "mse"
     CROSS_ENTROPY = "cross_entropy"
+    WEIGHTED_SUM = "weighted_sum"
 
     @property
     def needs_index(self) -> bool:
@@ -29,12 +30,18 @@ class ObjectiveKind(_WireEnum):
 
     @property
     def needs_target(self) -> bool:
-        return self in (ObjectiveKind.MSE, ObjectiveKind.CROSS_ENTROPY)
+        return self in (ObjectiveKind.MSE, ObjectiveKind.CROSS_ENTROPY, ObjectiveKind.WEIGHTED_SUM)
+
+    @property
+    def target_is_output_row(self) -> bool:
+        """True when the target is shaped like one sample's output (mse's target,
+        weighted_sum's weights), not a class index."""
+        return self in (ObjectiveKind.MSE, ObjectiveKind.WEIGHTED_SUM)
 
     @property
     def is_linear(self) -> bool:
         """True when the objective is linear in the output: its own Hessian is zero."""
-        return self is ObjectiveKind.SUM
+        return self in (ObjectiveKind.SUM, ObjectiveKind.WEIGHTED_SUM)
 
 
 OBJECTIVE_KINDS: tuple[ObjectiveKind, ...] = tuple(ObjectiveKind)
@@ -61,12 +68,17 @@ def _cross_entropy(output: torch.Tensor, target: torch.Tensor, _index: int | Non
     return -(log_probs * one_hot).sum()
 
 
+def _weighted_sum(output: torch.Tensor, weights: torch.Tensor, _index: int | None) -> torch.Tensor:
+    return (output * weights.to(output.dtype)).sum()
+
+
 # One sample's flat output, its target row and the objective's index -> the scalar.
 _SCALARS: dict[ObjectiveKind, Callable[[torch.Tensor, torch.Tensor, int | None], torch.Tensor]] = {
     ObjectiveKind.SUM: _sum,
     ObjectiveKind.LOG_SOFTMAX: _log_softmax,
     ObjectiveKind.MSE: _mse,
     ObjectiveKind.CROSS_ENTROPY: _cross_entropy,
+    ObjectiveKind.WEIGHTED_SUM: _weighted_sum,
 }
 
 
@@ -80,6 +92,10 @@ class Objective:
       or ``[B, m]`` per sample (as ``torch.nn.functional.mse_loss``, reduction mean).
     - ``cross_entropy``: ``-log_softmax(o)[target]``, ``target`` a class index, or one
       index per sample (``[B]``), as ``torch.nn.functional.cross_entropy``.
+    - ``weighted_sum``: ``sum(w * o)``, the weights ``w`` (held in ``target``) shaped like
+      one sample's output or ``[B, m]``: a sensitivity-weighted output, as UM-Bridge's
+      ``Gradient`` and ``ApplyHessian`` take it (``sens^T f``). Linear in the output, so
+      its Hessian is ``sum_i w_i H_i``.
     """
 
     kind: ObjectiveKind
@@ -103,7 +119,8 @@ class Objective:
         return self.kind.is_linear
 
     def per_sample_targets(self, batch_size: int, output_numel: int) -> torch.Tensor:
-        """Targets as one row per sample (``[B, m]`` for mse, ``[B]`` for cross_entropy).
+        """Targets as one row per sample (``[B, m]`` for mse and weighted_sum, ``[B]`` for
+        cross_entropy).
 
         Objectives without a target get a dummy ``[B]`` zero vector so that every
         objective can be vmapped the same way.
@@ -111,7 +128,7 @@ class Objective:
         if self.target is None:
             return torch.zeros(batch_size)
         target = self.target
-        if self.kind is ObjectiveKind.MSE:  # a row shaped like the output
+        if self.kind.target_is_output_row:
             flat = target.reshape(-1) if target.numel() in (1, output_numel) else None
             if flat is not None:
                 return flat.expand(output_numel).expand(batch_size, output_numel)

@@ -37,6 +37,7 @@ from hessian_service.wire.schemas import (
     SampleRequest,
     SumObjective,
     TensorObject,
+    WeightedSumObjective,
 )
 
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
@@ -356,8 +357,11 @@ def _check_work(
     )
 
 
-def _mse_target(target: float | list[Any] | TensorObject, outputs: int, batch: int) -> torch.Tensor:
-    field = "objective.target"
+def _output_rows(
+    target: float | list[Any] | TensorObject, outputs: int, batch: int, field: str
+) -> torch.Tensor:
+    """An objective's numbers shaped like the output: one number (broadcast), one per
+    output, or one row per sample; float64, finite."""
     if isinstance(target, TensorObject):
         tensor = codec.decode_tensor(target, field)
     else:
@@ -414,6 +418,16 @@ def engine_objective(request: SampleRequest, outputs: int, batch: int) -> Object
             )
         return Objective(ObjectiveKind.LOG_SOFTMAX, index=spec.index)
     if isinstance(spec, MseObjective):
-        return Objective(ObjectiveKind.MSE, target=_mse_target(spec.target, outputs, batch))
+        target = _output_rows(spec.target, outputs, batch, "objective.target")
+        return Objective(ObjectiveKind.MSE, target=target)
+    if isinstance(spec, WeightedSumObjective):
+        weights = _output_rows(spec.weights, outputs, batch, "objective.weights")
+        if weights.numel() == 1 and outputs != 1:
+            raise InvalidInput(
+                f"objective.weights: expected {outputs} weights (one per output) or "
+                f"{batch} x {outputs} (per sample), got 1",
+                field="objective.weights",
+            )
+        return Objective(ObjectiveKind.WEIGHTED_SUM, target=weights)
     assert isinstance(spec, CrossEntropyObjective)
     return Objective(ObjectiveKind.CROSS_ENTROPY, target=_classes(spec, outputs, batch))

@@ -304,19 +304,9 @@ class DerivativeService:
         ``body_bytes``, the size of the body the request came in, bounds the decoding
         work that may run on the event loop.
         """
-        started = time.perf_counter()
-        small = math.prod(request.inputs[0].shape) <= INLINE_ELEMENTS
-        if small and body_bytes <= INLINE_BODY_BYTES:
-            prepared = self.prepare(kind, request)
-        else:
-            prepared = await anyio.to_thread.run_sync(self.prepare, kind, request)
-        timing = current_timing()
-        if timing is not None:
-            timing.model = prepared.model.manifest.name
-        left = self.settings.request_timeout_s - (time.perf_counter() - started)
-        result, queue_ms, compute_ms = await self._compute_queued(prepared, left, disconnected)
-        if timing is not None:
-            timing.queue_ms, timing.compute_ms = queue_ms, compute_ms
+        prepared, result, compute_ms = await self.computed(
+            kind, request, disconnected=disconnected, body_bytes=body_bytes
+        )
         if isinstance(result, OperatorOutcome):
             if result.elements <= INLINE_ELEMENTS:
                 return codec.encode_body(
@@ -333,3 +323,30 @@ class DerivativeService:
             return codec.encode_body(self.describe(prepared, result, compute_ms), request.encoding)
         body = await anyio.to_thread.run_sync(self.describe, prepared, result, compute_ms)
         return await anyio.to_thread.run_sync(codec.encode_body, body, request.encoding)
+
+    async def computed(
+        self,
+        kind: DerivativeKind | str,
+        request: DerivativeRequest | OperatorRequest,
+        *,
+        disconnected: Callable[[], Awaitable[bool]] | None = None,
+        body_bytes: int = 0,
+    ) -> tuple[Prepared, Computed, float]:
+        """Prepare and compute, through the same checks, queue and limits as ``run``,
+        without encoding: (the prepared request, its result, compute ms). The protocol
+        adapters (``serving.umbridge``, ``serving.inference``) write the result in their
+        own protocol's shape."""
+        started = time.perf_counter()
+        small = math.prod(request.inputs[0].shape) <= INLINE_ELEMENTS
+        if small and body_bytes <= INLINE_BODY_BYTES:
+            prepared = self.prepare(kind, request)
+        else:
+            prepared = await anyio.to_thread.run_sync(self.prepare, kind, request)
+        timing = current_timing()
+        if timing is not None:
+            timing.model = prepared.model.manifest.name
+        left = self.settings.request_timeout_s - (time.perf_counter() - started)
+        result, queue_ms, compute_ms = await self._compute_queued(prepared, left, disconnected)
+        if timing is not None:
+            timing.queue_ms, timing.compute_ms = queue_ms, compute_ms
+        return prepared, result, compute_ms

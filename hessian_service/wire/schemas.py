@@ -73,8 +73,24 @@ class CrossEntropyObjective(_Strict):
     target: Count | list[Count]
 
 
+class WeightedSumObjective(_Strict):
+    """``sum(weights * output)``: the output weighted by a sensitivity vector (UM-Bridge's
+    ``sens``); its gradient is the vector-Jacobian product ``weights^T J``."""
+
+    type: Literal["weighted_sum"]
+    weights: list[Any] | TensorObject = Field(
+        ...,
+        description="One weight per output (a list shaped like the output, or a tensor "
+        "object), or one row per sample of a batch.",
+    )
+
+
 ObjectiveSpec = Annotated[
-    SumObjective | LogSoftmaxObjective | MseObjective | CrossEntropyObjective,
+    SumObjective
+    | LogSoftmaxObjective
+    | MseObjective
+    | CrossEntropyObjective
+    | WeightedSumObjective,
     Field(discriminator="type"),
 ]
 

@@ -55,7 +55,13 @@ def test_enum_values_are_the_wire_strings() -> None:
         "generic:forward",
         "autograd:row-loop",
     ]
-    assert [str(kind) for kind in ObjectiveKind] == ["sum", "log_softmax", "mse", "cross_entropy"]
+    assert [str(kind) for kind in ObjectiveKind] == [
+        "sum",
+        "log_softmax",
+        "mse",
+        "cross_entropy",
+        "weighted_sum",
+    ]
     # What the codecs write: the bare value, as before.
     assert orjson.dumps({"method": Algorithm.ROW_LOOP}) == b'{"method":"autograd:row-loop"}'
     assert json.dumps(EnginePath.GENERIC) == '"generic"'
