@@ -41,6 +41,7 @@ from hessian_service.api.routes import (
     models,
     operators,
     playground,
+    umbridge,
     v2,
 )
 from hessian_service.config import Settings
@@ -244,6 +245,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(v2.router)
+    app.include_router(umbridge.router)
     app.include_router(metrics.router)
     app.include_router(playground.router)
     install_error_handlers(app)

@@ -34,6 +34,7 @@ from hessian_service.wire.schemas import (
     DerivativeRequest,
     LogSoftmaxObjective,
     MseObjective,
+    ObjectiveSpec,
     SampleRequest,
     SumObjective,
     TensorObject,
@@ -401,13 +402,18 @@ def _classes(spec: CrossEntropyObjective, outputs: int, batch: int) -> torch.Ten
 def engine_objective(request: SampleRequest, outputs: int, batch: int) -> Objective | None:
     """The request's objective (a wire spec) as the engine's ``Objective``, checked against
     the model's ``outputs`` and the request's ``batch``; None for an output selection."""
-    spec = request.objective
-    if spec is None:
-        return None
-    if request.output_index is not None:
+    if request.objective is not None and request.output_index is not None:
         raise InvalidInput(
             "output_index: give output_index or objective, not both", field="output_index"
         )
+    return objective_of(request.objective, outputs, batch)
+
+
+def objective_of(spec: ObjectiveSpec | None, outputs: int, batch: int) -> Objective | None:
+    """A wire objective spec as the engine's ``Objective``, checked against the model's
+    ``outputs`` and the ``batch``; None for none."""
+    if spec is None:
+        return None
     if isinstance(spec, SumObjective):
         return Objective(ObjectiveKind.SUM)
     if isinstance(spec, LogSoftmaxObjective):

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from hessian_service.api.deps import RegistryDep
-from hessian_service.api.responses import Responses
+from hessian_service.api.responses import Responses, inline_schema
 from hessian_service.errors import (
     PROBLEM_CONTENT_TYPE,
     InvalidInput,
@@ -86,25 +86,6 @@ ModelName = Annotated[str, Path(pattern=NAME_PATTERN, description="A loaded mode
 ModelVersion = Annotated[str, Path(pattern=VERSION_PATTERN, description="One of its versions.")]
 
 
-def _inline(schema: dict[str, Any]) -> dict[str, Any]:
-    """A JSON schema with its ``$defs`` references inlined (OpenAPI resolves refs from
-    the document root, where these definitions do not live)."""
-    definitions = schema.pop("$defs", {})
-
-    def resolve(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref", "")
-            if ref.startswith("#/$defs/"):
-                return resolve(definitions[ref.removeprefix("#/$defs/")])
-            return {key: resolve(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [resolve(item) for item in node]
-        return node
-
-    resolved: dict[str, Any] = resolve(schema)
-    return resolved
-
-
 _INFER_BODY = {
     "requestBody": {
         "required": True,
@@ -112,7 +93,7 @@ _INFER_BODY = {
         f"extension, its JSON header of `{HEADER_LENGTH}` bytes followed by the inputs' "
         "raw little-endian bytes (inputs carry `parameters.binary_data_size`).",
         "content": {
-            "application/json": {"schema": _inline(InferRequest.model_json_schema())},
+            "application/json": {"schema": inline_schema(InferRequest.model_json_schema())},
             BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}},
         },
     }
