@@ -1,10 +1,13 @@
-"""Open Inference Protocol v2 on the registry's models: metadata and the forward pass.
+"""Open Inference Protocol v2 on the registry's models: metadata, the forward pass, and
+derivative outputs.
 
 ``infer`` takes the raw body (JSON, or JSON header + bytes with the binary tensor
-extension), checks it against the model -- input name, datatype, ``[B, *input_shape]``,
-every byte count -- before any work, runs the model's forward pass without autograd in
-a worker thread, and encodes the logits as JSON numbers or raw bytes per output, as the
-request asked. Nothing here knows HTTP beyond the framing header's value.
+extension), checks it against the model -- input names, datatypes, ``[B, *input_shape]``,
+every byte count, the outputs asked for and their parameters -- before any work, runs
+the model's forward pass without autograd in a worker thread and each derivative output
+through the derivative service (``serving.oip_derivatives``), and encodes every output
+as JSON numbers or raw bytes, as the request asked. Nothing here knows HTTP beyond the
+framing header's value.
 """
 
 from __future__ import annotations
@@ -19,10 +22,14 @@ from pydantic import ValidationError
 
 from hessian_service.errors import InvalidInput
 from hessian_service.repository.registry import LoadedModel, Registry, version_key
+from hessian_service.serving import oip_derivatives
+from hessian_service.serving.oip_derivatives import DERIVED, VECTORS_NAME, DerivedOutput
+from hessian_service.serving.service import DerivativeService
 from hessian_service.wire import binary, codec
 from hessian_service.wire.oip_schemas import (
     INPUT_NAME,
     OUTPUT_NAME,
+    InferInput,
     InferRequest,
     ModelMetadata,
     TensorMetadata,
@@ -30,7 +37,6 @@ from hessian_service.wire.oip_schemas import (
 from hessian_service.wire.schemas import TensorObject
 
 PLATFORM = "pytorch"
-FLOAT_DATATYPES = ("FP32", "FP64", "FP16", "BF16")
 
 
 def lookup(registry: Registry, name: str, version: str | None = None) -> LoadedModel:
@@ -45,17 +51,23 @@ def versions_of(registry: Registry, model: LoadedModel) -> list[str]:
 
 
 def model_metadata(model: LoadedModel, versions: list[str] | None = None) -> ModelMetadata:
-    """Name, versions, platform and tensors, the batch dimension as -1."""
+    """Name, versions, platform and tensors, the batch dimension as -1: the input ``x``
+    (and ``vectors``, which only ``hvp`` reads), the forward ``output`` and the derivative
+    outputs (``oip_derivatives.metadata_outputs``)."""
     manifest = model.manifest
+    input_shape, output_shape = list(manifest.input_shape), list(manifest.output_shape)
+    derived = oip_derivatives.metadata_outputs(input_shape, output_shape)
     return ModelMetadata(
         name=manifest.name,
         versions=versions or [manifest.version],
         platform=PLATFORM,
         inputs=[
-            TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, *manifest.input_shape])
+            TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, *input_shape]),
+            TensorMetadata(name=VECTORS_NAME, datatype="FP32", shape=[-1, *input_shape]),
         ],
         outputs=[
-            TensorMetadata(name=OUTPUT_NAME, datatype="FP32", shape=[-1, *manifest.output_shape])
+            TensorMetadata(name=OUTPUT_NAME, datatype="FP32", shape=[-1, *output_shape]),
+            *(TensorMetadata.model_validate(tensor) for tensor in derived),
         ],
     )
 
@@ -67,7 +79,14 @@ class PreparedInfer:
     model: LoadedModel
     x: torch.Tensor  # [B, *input_shape], float32, on the model's device
     request_id: str | None
-    binary_outputs: bool  # the one output as raw bytes
+    # The outputs in the order asked for: (name, as raw bytes); the forward output's name
+    # is OUTPUT_NAME, every other one's is in ``derived``.
+    outputs: tuple[tuple[str, bool], ...]
+    derived: tuple[DerivedOutput, ...] = ()
+
+    @property
+    def wants_output(self) -> bool:
+        return any(name == OUTPUT_NAME for name, _ in self.outputs)
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -92,41 +111,65 @@ def _parse(header: bytes) -> tuple[dict[str, Any], InferRequest]:
         raise InvalidInput(f"{where}: {first['msg']}", field=where) from None
 
 
-def _wants_binary(request: InferRequest) -> bool:
+OUTPUT_NAMES = (OUTPUT_NAME, *DERIVED)
+
+
+def _requested(request: InferRequest) -> list[tuple[str, bool, dict[str, Any]]]:
+    """(name, as raw bytes, the output's own parameters) per output asked for; the
+    forward output alone when the request names none."""
     default = bool((request.parameters or {}).get("binary_data_output", False))
     if not request.outputs:
-        return default
+        return [(OUTPUT_NAME, default, {})]
+    requested, seen = [], set()
     for i, output in enumerate(request.outputs):
-        if output.name != OUTPUT_NAME:
+        if output.name not in OUTPUT_NAMES:
             raise InvalidInput(
-                f"outputs[{i}].name: the model has one output, {OUTPUT_NAME!r}; got "
+                f"outputs[{i}].name: the model's outputs are "
+                f"{', '.join(map(repr, OUTPUT_NAMES))}; got "
                 f"{output.name!r}",
                 field=f"outputs[{i}].name",
             )
-    parameters = request.outputs[0].parameters or {}
-    return bool(parameters.get("binary_data", default))
+        if output.name in seen:
+            raise InvalidInput(
+                f"outputs[{i}].name: {output.name!r} is asked for twice",
+                field=f"outputs[{i}].name",
+            )
+        seen.add(output.name)
+        parameters = output.parameters or {}
+        requested.append((output.name, bool(parameters.get("binary_data", default)), parameters))
+    return requested
 
 
-def prepare(
-    model: LoadedModel, body: bytes, header_length: str | None, max_samples: int
-) -> PreparedInfer:
-    """Split, parse and check a request body; decode its input. Raises before any work."""
-    header, tail = binary.split_body(body, header_length)
-    raw, request = _parse(header)
-    (raw_slice,) = binary.take_binary(raw["inputs"], tail, "inputs")
-    (tensor,) = request.inputs
-    if tensor.name != INPUT_NAME:
-        raise InvalidInput(
-            f"inputs[0].name: the model's input is {INPUT_NAME!r}, got {tensor.name!r}",
-            field="inputs[0].name",
-        )
-    if tensor.datatype not in FLOAT_DATATYPES:
+def _decode(tensor: InferInput, raw_slice: memoryview | None, i: int) -> torch.Tensor:
+    """Input ``i``'s numbers, from the binary tail or its ``data``, in its datatype."""
+    if tensor.datatype not in codec.FLOAT_DATATYPES:
         why = "; BYTES tensors are not supported" if tensor.datatype == "BYTES" else ""
         raise InvalidInput(
-            f"inputs[0].datatype: expected one of {', '.join(FLOAT_DATATYPES)}, got "
+            f"inputs[{i}].datatype: expected one of {', '.join(codec.FLOAT_DATATYPES)}, got "
             f"{tensor.datatype!r}{why}",
-            field="inputs[0].datatype",
+            field=f"inputs[{i}].datatype",
         )
+    if raw_slice is not None:
+        where = f"inputs[{i}].parameters.{binary.BINARY_DATA_SIZE}"
+        return codec.decode_binary(raw_slice, tensor.datatype, tensor.shape, where)
+    if tensor.data is not None:
+        obj = TensorObject.model_validate(
+            {
+                "name": tensor.name,
+                "shape": tensor.shape,
+                "datatype": tensor.datatype,
+                "data": tensor.data,
+            }
+        )
+        return codec.decode_tensor(obj, f"inputs[{i}]")
+    raise InvalidInput(
+        f"inputs[{i}].data: missing; send data or parameters.{binary.BINARY_DATA_SIZE} "
+        "with the bytes after the JSON header",
+        field=f"inputs[{i}].data",
+    )
+
+
+def _check_input_shape(tensor: InferInput, model: LoadedModel, max_samples: int) -> None:
     sample_shape = list(model.manifest.input_shape)
     if len(tensor.shape) != len(sample_shape) + 1 or tensor.shape[1:] != sample_shape:
         raise InvalidInput(
@@ -140,30 +183,69 @@ def prepare(
             f"{tensor.shape[0]}",
             field="inputs[0].shape",
         )
-    if raw_slice is not None:
-        where = f"inputs[0].parameters.{binary.BINARY_DATA_SIZE}"
-        x = codec.decode_binary(raw_slice, tensor.datatype, tensor.shape, where)
-    elif tensor.data is not None:
-        obj = TensorObject.model_validate(
-            {
-                "name": tensor.name,
-                "shape": tensor.shape,
-                "datatype": tensor.datatype,
-                "data": tensor.data,
-            }
-        )
-        x = codec.decode_tensor(obj, "inputs[0]")
-    else:
+
+
+def _inputs(request: InferRequest) -> tuple[InferInput, InferInput | None]:
+    """``x`` first, then ``vectors`` if sent; any other input is refused."""
+    names = [tensor.name for tensor in request.inputs]
+    if names[0] != INPUT_NAME:
         raise InvalidInput(
-            f"inputs[0].data: missing; send data or parameters.{binary.BINARY_DATA_SIZE} "
-            "with the bytes after the JSON header",
-            field="inputs[0].data",
+            f"inputs[0].name: the model's input is {INPUT_NAME!r}, got {names[0]!r}",
+            field="inputs[0].name",
+        )
+    if len(names) == 2 and names[1] != VECTORS_NAME:
+        raise InvalidInput(
+            f"inputs[1].name: the second input can only be {VECTORS_NAME!r} (for hvp), got "
+            f"{names[1]!r}",
+            field="inputs[1].name",
+        )
+    return request.inputs[0], request.inputs[1] if len(names) == 2 else None
+
+
+def prepare(
+    model: LoadedModel, body: bytes, header_length: str | None, max_samples: int
+) -> PreparedInfer:
+    """Split, parse and check a request body; decode its inputs; validate each derivative
+    output's parameters. Raises before any work."""
+    header, tail = binary.split_body(body, header_length)
+    raw, request = _parse(header)
+    slices = binary.take_binary(raw["inputs"], tail, "inputs")
+    tensor, vectors_tensor = _inputs(request)
+    _check_input_shape(tensor, model, max_samples)
+    source = _decode(tensor, slices[0], 0)
+    vectors = None if vectors_tensor is None else _decode(vectors_tensor, slices[1], 1)
+    requested = _requested(request)
+    shared = oip_derivatives.fields_of(request.parameters or {}, "parameters")
+    derived = []
+    for i, (name, binary_output, parameters) in enumerate(requested):
+        if name == OUTPUT_NAME:
+            continue
+        where = f"outputs[{i}].parameters"
+        fields = {**shared, **oip_derivatives.fields_of(parameters, where)}
+        derived.append(
+            oip_derivatives.derived_output(
+                name, binary_output, fields, "parameters", model, source, vectors
+            )
+        )
+    if shared and not derived:
+        key = next(iter(shared))
+        raise InvalidInput(
+            f"parameters.{key}: applies to the derivative outputs ({', '.join(DERIVED)}); "
+            "name one of them in outputs",
+            field=f"parameters.{key}",
+        )
+    if vectors is not None and not any(d.name == "hvp" for d in derived):
+        raise InvalidInput(
+            f"inputs[1]: {VECTORS_NAME!r} is read by the hvp output only; ask for hvp in "
+            "outputs, or leave it out",
+            field="inputs[1]",
         )
     return PreparedInfer(
         model=model,
-        x=x.to(device=model.device, dtype=torch.float32),
+        x=source.to(device=model.device, dtype=torch.float32),
         request_id=request.id,
-        binary_outputs=_wants_binary(request),
+        outputs=tuple((name, binary_output) for name, binary_output, _ in requested),
+        derived=tuple(derived),
     )
 
 
@@ -174,27 +256,37 @@ def forward(prepared: PreparedInfer) -> torch.Tensor:
     return output.reshape(prepared.x.shape[0], *prepared.model.manifest.output_shape).cpu()
 
 
-def encode(prepared: PreparedInfer, output: torch.Tensor) -> binary.Encoded:
-    """The ``$inference_response`` body, the output as numbers or raw bytes."""
+def encode(prepared: PreparedInfer, tensors: dict[str, torch.Tensor]) -> binary.Encoded:
+    """The ``$inference_response`` body: each output asked for, in order, as numbers or
+    raw bytes."""
     manifest = prepared.model.manifest
-    encoding = "binary" if prepared.binary_outputs else "json"
     body: dict[str, Any] = {"model_name": manifest.name, "model_version": manifest.version}
     if prepared.request_id is not None:
         body["id"] = prepared.request_id
-    body["outputs"] = [codec.tensor_object(OUTPUT_NAME, output, encoding)]
-    return binary.encode(body, lambda _output: prepared.binary_outputs)
+    as_bytes = dict(prepared.outputs)
+    body["outputs"] = [
+        codec.tensor_object(name, tensors[name], "binary" if raw else "json")
+        for name, raw in prepared.outputs
+    ]
+    return binary.encode(body, lambda output: as_bytes[output["name"]])
 
 
 async def infer(
     registry: Registry,
+    service: DerivativeService,
     name: str,
     version: str | None,
     body: bytes,
     header_length: str | None,
     max_samples: int,
 ) -> binary.Encoded:
-    """Check, run and encode one inference request; the work runs off the event loop."""
+    """Check, run and encode one inference request; the work runs off the event loop
+    (the derivative outputs through the service's queue, one after another)."""
     model = lookup(registry, name, version)
     prepared = await anyio.to_thread.run_sync(prepare, model, body, header_length, max_samples)
-    output = await anyio.to_thread.run_sync(forward, prepared)
-    return await anyio.to_thread.run_sync(encode, prepared, output)
+    tensors: dict[str, torch.Tensor] = {}
+    if prepared.wants_output:
+        tensors[OUTPUT_NAME] = await anyio.to_thread.run_sync(forward, prepared)
+    for derived in prepared.derived:
+        tensors[derived.name] = await oip_derivatives.compute(service, derived)
+    return await anyio.to_thread.run_sync(encode, prepared, tensors)

@@ -24,7 +24,6 @@ from hessian_service.engine import DerivativeKind, Objective
 from hessian_service.engine.operators import OperatorPlan, plan_operator
 from hessian_service.errors import InvalidInput, TooLarge
 from hessian_service.repository.registry import LoadedModel
-from hessian_service.serving.inference import FLOAT_DATATYPES
 from hessian_service.serving.operations import Operands, OperatorOperation
 from hessian_service.serving.request import (
     PRECISIONS,
@@ -250,10 +249,10 @@ def _vector_count(
 
 
 def _check_vector_datatype(vectors: TensorObject) -> None:
-    if vectors.datatype not in FLOAT_DATATYPES:
+    if vectors.datatype not in codec.FLOAT_DATATYPES:
         raise InvalidInput(
             f"vectors.datatype: expected a floating-point datatype "
-            f"({', '.join(FLOAT_DATATYPES)}), "
+            f"({', '.join(codec.FLOAT_DATATYPES)}), "
             f"got {vectors.datatype}",
             field="vectors.datatype",
         )

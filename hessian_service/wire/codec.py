@@ -35,6 +35,8 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "FP64": torch.float64,
 }
 DATATYPES: dict[torch.dtype, str] = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+# The floating-point datatypes an input (or an operator's vectors) may be sent in.
+FLOAT_DATATYPES = ("FP32", "FP64", "FP16", "BF16")
 _INTEGER_DATATYPES = {"BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64"}
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian

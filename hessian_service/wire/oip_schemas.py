@@ -25,7 +25,11 @@ class _Strict(BaseModel):
 class InferInput(_Strict):
     """``$request_input``: one input tensor."""
 
-    name: str = Field(..., max_length=128, description=f"The model's input: {INPUT_NAME!r}.")
+    name: str = Field(
+        ...,
+        max_length=128,
+        description=f"The model's input: {INPUT_NAME!r}; or, second, 'vectors' (for hvp).",
+    )
     shape: list[Count] = Field(
         ..., max_length=16, description="[B, *input_shape]: a batch, as the metadata says."
     )
@@ -41,7 +45,10 @@ class InferRequestedOutput(_Strict):
 
     name: str = Field(..., max_length=128)
     parameters: dict[str, Any] | None = Field(
-        None, description='`{"binary_data": true}` returns this output as raw bytes.'
+        None,
+        description='`{"binary_data": true}` returns this output as raw bytes; a '
+        "derivative output's fields (output_index, objective, ...) override the "
+        "request's for it.",
     )
 
 
@@ -50,9 +57,15 @@ class InferRequest(_Strict):
 
     id: str | None = Field(None, max_length=256, description="Echoed in the response.")
     parameters: dict[str, Any] | None = Field(
-        None, description='`{"binary_data_output": true}`: every output as raw bytes.'
+        None,
+        description='`{"binary_data_output": true}`: every output as raw bytes. For the '
+        "derivative outputs (jacobian, hessian, hvp, hessian_diagonal, hessian_trace): "
+        "the fields of that endpoint's body, e.g. "
+        '`{"output_index": 2}` or `{"objective": {"type": "cross_entropy", "target": 3}}`.',
     )
-    inputs: list[InferInput] = Field(..., min_length=1, max_length=1)
+    inputs: list[InferInput] = Field(
+        ..., min_length=1, max_length=2, description="`x`; and `vectors` for hvp."
+    )
     outputs: list[InferRequestedOutput] | None = Field(None, max_length=8)
 
 

@@ -158,6 +158,14 @@ EXPECTED_OPERATION_IDS = {
     ("get", "/v2/models/{name}/versions/{version}/ready"): "v2_model_version_ready",
     ("post", "/v2/models/{name}/infer"): "v2_model_infer",
     ("post", "/v2/models/{name}/versions/{version}/infer"): "v2_model_version_infer",
+    ("get", "/Info"): "umbridge_info",
+    ("post", "/ModelInfo"): "umbridge_model_info",
+    ("post", "/InputSizes"): "umbridge_input_sizes",
+    ("post", "/OutputSizes"): "umbridge_output_sizes",
+    ("post", "/Evaluate"): "umbridge_evaluate",
+    ("post", "/Gradient"): "umbridge_gradient",
+    ("post", "/ApplyJacobian"): "umbridge_apply_jacobian",
+    ("post", "/ApplyHessian"): "umbridge_apply_hessian",
 }
 # What each operation can answer besides 2xx: the document must declare at least these.
 EXPECTED_ERRORS = {
@@ -178,6 +186,11 @@ EXPECTED_ERRORS = {
     "v2_health_ready": {503},
     "v2_model_metadata": {400, 404},
     "v2_model_infer": {400, 404, 413},
+    **{name: {400} for name in ("umbridge_model_info", "umbridge_input_sizes")},
+    **{
+        f"umbridge_{name}": {400, 413, 503, 504}
+        for name in ("evaluate", "gradient", "apply_jacobian", "apply_hessian")
+    },
 }
 
 
@@ -227,6 +240,8 @@ def test_every_documented_error_references_the_problem_schema(client: TestClient
             content = response.get("content", {})
             if path.startswith("/v2"):
                 assert "#/components/schemas/ErrorBody" in _refs(content), (path, status)
+            elif operation["operationId"].startswith("umbridge_"):  # the protocol's shape
+                assert "#/components/schemas/ErrorResponse" in _refs(content), (path, status)
             else:
                 assert set(content) == {PROBLEM}, (method, path, status)
                 schema = content[PROBLEM]["schema"]

@@ -2,13 +2,19 @@
 
 The Open Inference Protocol routes must work with it unchanged: liveness, readiness,
 server and model metadata, and ``infer`` on ``digits_cnn`` with the binary tensor
-extension on and off, returning the logits of the model loaded here independently.
+extension on and off, returning the logits of the model loaded here independently; and
+the derivative outputs (``jacobian``, ``hessian``, ``hvp``, ``hessian_diagonal``,
+``hessian_trace``), equal bit for bit to what ``/jacobian``, ``/hessian`` and the
+operator endpoints answer for the same input.
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -52,8 +58,18 @@ def test_liveness_readiness_and_metadata(triton_client: triton.InferenceServerCl
         "name": "digits_cnn",
         "versions": ["1"],
         "platform": "pytorch",
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
-        "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}],
+        "inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [-1, 1, 28, 28]},
+            {"name": "vectors", "datatype": "FP32", "shape": [-1, 1, 28, 28]},
+        ],
+        "outputs": [
+            {"name": "output", "datatype": "FP32", "shape": [-1, 10]},
+            {"name": "jacobian", "datatype": "FP32", "shape": [-1, 10, 784]},
+            {"name": "hessian", "datatype": "FP32", "shape": [-1, 784, 784]},
+            {"name": "hvp", "datatype": "FP32", "shape": [-1, -1, 1, 28, 28]},
+            {"name": "hessian_diagonal", "datatype": "FP32", "shape": [-1, 1, 28, 28]},
+            {"name": "hessian_trace", "datatype": "FP32", "shape": [-1]},
+        ],
     }
 
 
@@ -117,3 +133,107 @@ def test_a_body_over_the_limit_is_413_with_a_message_tritonclient_reads(
     assert too_large.value.status() == "413"
     assert "over this server's limit of 200000 bytes" in too_large.value.message()
     client.close()
+
+
+def service_tensor(client: httpx.Client, path: str, body: dict[str, Any], name: str) -> np.ndarray:
+    """The tensor ``name`` of a ``/hessian``-style response, from its base64 bytes."""
+    response = client.post(path, json={**body, "encoding": "base64"})
+    assert response.status_code == 200, response.text
+    (tensor,) = [t for t in response.json()["outputs"] if t["name"] == name]
+    assert tensor["datatype"] == "FP32"
+    raw = np.frombuffer(base64.b64decode(tensor["data"]), dtype=np.float32)
+    return raw.reshape(tensor["shape"])
+
+
+def base64_input(x: np.ndarray) -> dict[str, Any]:
+    data = base64.b64encode(x.tobytes()).decode()
+    return {"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": data}
+
+
+def triton_infer(
+    triton_client: triton.InferenceServerClient,
+    x: np.ndarray,
+    names: list[str],
+    binary_data: bool,
+    parameters: dict[str, Any] | None = None,
+    vectors: np.ndarray | None = None,
+) -> triton.InferResult:
+    given = triton.InferInput("x", list(x.shape), "FP32")
+    given.set_data_from_numpy(x, binary_data=binary_data)
+    inputs = [given]
+    if vectors is not None:
+        second = triton.InferInput("vectors", list(vectors.shape), "FP32")
+        second.set_data_from_numpy(vectors, binary_data=binary_data)
+        inputs.append(second)
+    outputs = [triton.InferRequestedOutput(name, binary_data=binary_data) for name in names]
+    return triton_client.infer("digits_cnn", inputs, outputs=outputs, parameters=parameters)
+
+
+@pytest.mark.parametrize("binary_data", [True, False])
+def test_hessian_and_jacobian_equal_the_services_bit_for_bit(
+    triton_client: triton.InferenceServerClient, client: httpx.Client, binary_data: bool
+) -> None:
+    x = np.random.default_rng(9).random((3, 1, 28, 28), dtype=np.float32)
+    body = {"model": "digits_cnn", "inputs": [base64_input(x)]}
+    result = triton_infer(triton_client, x, ["output", "jacobian"], binary_data)
+    jacobian = result.as_numpy("jacobian")
+    assert jacobian.shape == (3, 10, 784) and jacobian.dtype == np.float32
+    want = service_tensor(client, "/jacobian", body, "jacobian")
+    assert jacobian.tobytes() == want.tobytes()  # bit for bit
+    np.testing.assert_allclose(result.as_numpy("output"), local_logits(x), rtol=1e-5, atol=1e-5)
+
+    result = triton_infer(triton_client, x, ["hessian"], binary_data, {"output_index": 2})
+    hessian = result.as_numpy("hessian")
+    assert hessian.shape == (3, 784, 784) and hessian.dtype == np.float32
+    want = service_tensor(client, "/hessian", {**body, "output_index": 2}, "hessian")
+    assert hessian.tobytes() == want.tobytes()
+    assert np.abs(hessian).max() > 1e-3  # a curved model: zeros would not pass
+    assert result.get_response()["outputs"][0]["name"] == "hessian"
+
+    objective = {"type": "cross_entropy", "target": [1, 4, 7]}
+    result = triton_infer(triton_client, x, ["hessian"], binary_data, {"objective": objective})
+    want = service_tensor(client, "/hessian", {**body, "objective": objective}, "hessian")
+    assert result.as_numpy("hessian").tobytes() == want.tobytes()
+
+
+def test_operator_outputs_equal_the_operator_endpoints(
+    triton_client: triton.InferenceServerClient, client: httpx.Client
+) -> None:
+    rng = np.random.default_rng(10)
+    x = rng.random((2, 1, 28, 28), dtype=np.float32)
+    vectors = rng.standard_normal((3, 1, 28, 28), dtype=np.float32)
+    body = {"model": "digits_cnn", "inputs": [base64_input(x)], "output_index": 5}
+    names = ["hvp", "hessian_diagonal", "hessian_trace"]
+    result = triton_infer(triton_client, x, names, True, {"output_index": 5}, vectors)
+    vector_object = {**base64_input(vectors), "name": "vectors"}
+    hvp = service_tensor(client, "/hvp", {**body, "vectors": vector_object}, "hvp")
+    assert hvp.shape == (2, 3, 1, 28, 28)
+    assert result.as_numpy("hvp").tobytes() == hvp.tobytes()
+    diagonal = service_tensor(client, "/hessian/diagonal", body, "diagonal")
+    assert result.as_numpy("hessian_diagonal").tobytes() == diagonal.tobytes()
+    trace = service_tensor(client, "/hessian/trace", body, "trace")
+    assert result.as_numpy("hessian_trace").tobytes() == trace.tobytes()
+    # And against the dense Hessian: H v and tr H of the same model (float32 sums).
+    hessian = service_tensor(client, "/hessian", body, "hessian")
+    want = np.einsum("bij,mj->bmi", hessian, vectors.reshape(3, -1)).reshape(hvp.shape)
+    np.testing.assert_allclose(hvp, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(trace, np.trace(hessian, axis1=1, axis2=2), rtol=1e-4, atol=1e-5)
+
+
+def test_derivative_requests_that_cannot_be_served_are_400_naming_the_field(
+    triton_client: triton.InferenceServerClient,
+) -> None:
+    x = np.zeros((1, 1, 28, 28), dtype=np.float32)
+    cases: list[tuple[list[str], dict[str, Any] | None, str]] = [
+        (["hessian"], None, "output_index"),  # ten outputs: which one?
+        (["gradient"], None, "outputs[0].name"),
+        (["output"], {"output_index": 2}, "parameters.output_index"),
+        (["hessian"], {"output_index": 99}, "output_index"),
+        (["hessian"], {"encoding": "png"}, "parameters.encoding"),
+        (["hvp"], {"output_index": 1}, "vectors"),
+    ]
+    for names, parameters, field in cases:
+        with pytest.raises(InferenceServerException) as refused:
+            triton_infer(triton_client, x, names, True, parameters)
+        assert refused.value.status() == "400", (names, parameters)
+        assert field in refused.value.message(), (names, refused.value.message())

@@ -143,13 +143,19 @@ def _body(model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
-@router.get("/Info", response_model=InfoResponse, summary="UM-Bridge: protocol version and models")
+@router.get(
+    "/Info",
+    operation_id="umbridge_info",
+    response_model=InfoResponse,
+    summary="UM-Bridge: protocol version and models",
+)
 async def info(registry: RegistryDep) -> InfoResponse:
     return InfoResponse(models=umbridge.model_names(registry))
 
 
 @router.post(
     "/ModelInfo",
+    operation_id="umbridge_model_info",
     response_model=ModelInfoResponse,
     responses=_ERRORS,
     openapi_extra=_body(NameRequest),
@@ -163,6 +169,7 @@ async def model_info(request: Request, registry: RegistryDep) -> ModelInfoRespon
 
 @router.post(
     "/InputSizes",
+    operation_id="umbridge_input_sizes",
     response_model=InputSizesResponse,
     responses=_ERRORS,
     openapi_extra=_body(SizesRequest),
@@ -175,6 +182,7 @@ async def input_sizes(request: Request, registry: RegistryDep) -> InputSizesResp
 
 @router.post(
     "/OutputSizes",
+    operation_id="umbridge_output_sizes",
     response_model=OutputSizesResponse,
     responses=_ERRORS,
     openapi_extra=_body(SizesRequest),
@@ -187,6 +195,7 @@ async def output_sizes(request: Request, registry: RegistryDep) -> OutputSizesRe
 
 @router.post(
     "/Evaluate",
+    operation_id="umbridge_evaluate",
     response_model=EvaluateResponse,
     responses=_COMPUTE_ERRORS,
     openapi_extra=_body(EvaluateRequest),
@@ -200,6 +209,7 @@ async def evaluate(request: Request, registry: RegistryDep) -> EvaluateResponse:
 
 @router.post(
     "/Gradient",
+    operation_id="umbridge_gradient",
     response_model=VectorResponse,
     responses=_COMPUTE_ERRORS,
     openapi_extra=_body(GradientRequest),
@@ -213,6 +223,7 @@ async def gradient(request: Request, registry: RegistryDep, service: ServiceDep)
 
 @router.post(
     "/ApplyJacobian",
+    operation_id="umbridge_apply_jacobian",
     response_model=VectorResponse,
     responses=_COMPUTE_ERRORS,
     openapi_extra=_body(ApplyJacobianRequest),
@@ -228,6 +239,7 @@ async def apply_jacobian(
 
 @router.post(
     "/ApplyHessian",
+    operation_id="umbridge_apply_hessian",
     response_model=VectorResponse,
     responses=_COMPUTE_ERRORS,
     openapi_extra=_body(ApplyHessianRequest),

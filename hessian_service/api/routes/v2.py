@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from hessian_service.api.deps import RegistryDep
+from hessian_service.api.deps import RegistryDep, ServiceDep
 from hessian_service.api.responses import Responses, inline_schema
 from hessian_service.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -201,7 +201,11 @@ _BINARY_ALTERNATIVE = (
 
 
 async def _infer(
-    request: Request, registry: RegistryDep, name: str, version: str | None
+    request: Request,
+    registry: RegistryDep,
+    service: ServiceDep,
+    name: str,
+    version: str | None,
 ) -> Response:
     settings = request.app.state.settings
     header_length = request.headers.get(HEADER_LENGTH)
@@ -213,15 +217,19 @@ async def _infer(
         alternative=_BINARY_ALTERNATIVE,
     )
     encoded = await inference.infer(
-        registry, name, version, body, header_length, settings.max_samples_per_request
+        registry, service, name, version, body, header_length, settings.max_samples_per_request
     )
     return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
 
 
 _INFER_DOC = """The model's forward pass on a batch `[B, *input_shape]`: its output, named
-`output`, shaped `[B, *output_shape]`. Outputs asked for with `parameters.binary_data`
-(or the request's `parameters.binary_data_output`) come back as raw bytes after a JSON
-header of `Inference-Header-Content-Length` bytes."""
+`output`, shaped `[B, *output_shape]`; and, when `outputs` names them, its derivatives:
+`jacobian`, `hessian`, `hvp` (of the second input, `vectors`), `hessian_diagonal`,
+`hessian_trace`, each exactly as `/jacobian`, `/hessian`, `/hvp`, `/hessian/diagonal` and
+`/hessian/trace` compute it, the selection (`output_index`, `objective`, ...) in the
+request's `parameters` or the output's own. Outputs asked for with
+`parameters.binary_data` (or the request's `parameters.binary_data_output`) come back as
+raw bytes after a JSON header of `Inference-Header-Content-Length` bytes."""
 
 
 @router.post(
@@ -233,8 +241,10 @@ header of `Inference-Header-Content-Length` bytes."""
     summary="Inference: the model's output",
     description=_INFER_DOC,
 )
-async def infer(name: ModelName, request: Request, registry: RegistryDep) -> Response:
-    return await _infer(request, registry, name, None)
+async def infer(
+    name: ModelName, request: Request, registry: RegistryDep, service: ServiceDep
+) -> Response:
+    return await _infer(request, registry, service, name, None)
 
 
 @router.post(
@@ -247,6 +257,10 @@ async def infer(name: ModelName, request: Request, registry: RegistryDep) -> Res
     description=_INFER_DOC,
 )
 async def infer_version(
-    name: ModelName, version: ModelVersion, request: Request, registry: RegistryDep
+    name: ModelName,
+    version: ModelVersion,
+    request: Request,
+    registry: RegistryDep,
+    service: ServiceDep,
 ) -> Response:
-    return await _infer(request, registry, name, version)
+    return await _infer(request, registry, service, name, version)
