@@ -26,6 +26,16 @@ $(VENV)/.dev: $(VENV)/.runtime
 	$(PY) -m pip install --quiet -e '.[dev,ray]'
 	touch $@
 
+# KServe's own Python client (the `kserve` package's InferenceRESTClient) for its test
+# (tests/e2e/test_kserve_client.py), in a venv of its own: kserve pins protobuf<7, which
+# Ray Serve's grpcio-reflection (the [ray] extra) cannot share. Only that test runs it.
+KSERVE_VENV ?= .venv-kserve
+KSERVE_VERSION := 0.21.0
+$(KSERVE_VENV)/.kserve:
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/python -m pip install --quiet kserve==$(KSERVE_VERSION)
+	touch $@
+
 # The benchmark's peers (JAX): the `bench` extra, in its own stamp so `make test` never needs it.
 $(VENV)/.bench: $(VENV)/.dev
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
@@ -63,7 +73,7 @@ lint: setup-dev
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) scripts/check_import_cycles.py
 
-pytest: setup-dev browser nginx
+pytest: setup-dev browser nginx $(KSERVE_VENV)/.kserve
 	$(PY) -m pytest
 
 test: lint pytest
@@ -92,4 +102,4 @@ soak: setup-dev
 	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(KSERVE_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -202,6 +202,19 @@ def _inputs(request: InferRequest) -> tuple[InferInput, InferInput | None]:
     return request.inputs[0], request.inputs[1] if len(names) == 2 else None
 
 
+def _check_names(request: InferRequest, model: LoadedModel) -> None:
+    """A body that names its model (KServe's client does) must name the URL's."""
+    manifest = model.manifest
+    for field, named, actual in (
+        ("model_name", request.model_name, manifest.name),
+        ("model_version", request.model_version, manifest.version),
+    ):
+        if named not in (None, "", actual):
+            raise InvalidInput(
+                f"{field}: the body names {named!r}, the URL {actual!r}", field=field
+            )
+
+
 def prepare(
     model: LoadedModel, body: bytes, header_length: str | None, max_samples: int
 ) -> PreparedInfer:
@@ -209,6 +222,7 @@ def prepare(
     output's parameters. Raises before any work."""
     header, tail = binary.split_body(body, header_length)
     raw, request = _parse(header)
+    _check_names(request, model)
     slices = binary.take_binary(raw["inputs"], tail, "inputs")
     tensor, vectors_tensor = _inputs(request)
     _check_input_shape(tensor, model, max_samples)

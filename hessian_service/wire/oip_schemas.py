@@ -56,6 +56,12 @@ class InferRequest(_Strict):
     """``$inference_request``: body of ``POST /v2/models/{name}/infer``."""
 
     id: str | None = Field(None, max_length=256, description="Echoed in the response.")
+    model_name: str | None = Field(
+        None, max_length=256, description="As KServe's client sends it: the URL's model."
+    )
+    model_version: str | None = Field(
+        None, max_length=64, description="As KServe's client may send it: the URL's version."
+    )
     parameters: dict[str, Any] | None = Field(
         None,
         description='`{"binary_data_output": true}`: every output as raw bytes. For the '
@@ -112,6 +118,18 @@ class ServerMetadata(BaseModel):
     name: str
     version: str
     extensions: list[str]
+
+
+class ServerLive(BaseModel):
+    """``GET /v2/health/live``: 200 and this body (KServe's client reads ``live``)."""
+
+    live: bool
+
+
+class ServerReady(BaseModel):
+    """``GET /v2/health/ready``: 200 and this body (KServe's client reads ``ready``)."""
+
+    ready: bool
 
 
 class ModelReady(BaseModel):

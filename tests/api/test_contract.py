@@ -119,13 +119,19 @@ def test_errors_without_a_field_carry_field_null(client: TestClient) -> None:
     assert not_utf8.status_code in (400, 422)
 
 
-@pytest.mark.parametrize("path", ["/v2/health/live", "/v2/health/ready"])
-def test_v2_health_answers_and_documents_an_empty_body(client: TestClient, path: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/v2/health/live", {"live": True}), ("/v2/health/ready", {"ready": True})],
+)
+def test_v2_health_answers_with_the_status_and_kserves_body(
+    client: TestClient, path: str, body: dict[str, bool]
+) -> None:
+    """tritonclient reads the status; KServe's client the body's field."""
     response = client.get(path)
-    assert response.status_code == 200 and response.content == b""
-    assert "content-type" not in response.headers
+    assert response.status_code == 200 and response.json() == body
+    assert response.headers["content-type"] == "application/json"
     operation = client.get("/openapi.json").json()["paths"][path]["get"]
-    assert "content" not in operation["responses"]["200"], operation  # nothing promised
+    assert "application/json" in operation["responses"]["200"]["content"], operation
 
 
 EXPECTED_OPERATION_IDS = {

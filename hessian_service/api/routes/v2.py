@@ -39,7 +39,9 @@ from hessian_service.wire.oip_schemas import (
     InferResponse,
     ModelMetadata,
     ModelReady,
+    ServerLive,
     ServerMetadata,
+    ServerReady,
 )
 
 EXTENSIONS = ["binary_tensor_data"]
@@ -109,34 +111,32 @@ async def server_metadata(request: Request) -> ServerMetadata:
     )
 
 
-# KServe v2: "The HTTP response status code indicates a boolean result for the health
-# request ... The HTTP response body should be empty": no content, no content type.
+# The status is the answer (tritonclient reads only it), and the body says it again as
+# KServe's server writes it, {"live": true} / {"ready": true}: KServe's Python client
+# (InferenceRESTClient.is_server_live / is_server_ready) returns that field and fails on
+# an empty body, which the protocol text allows ("should be empty") but does not require.
 @router.get(
     "/health/live",
-    response_class=Response,
+    response_model=ServerLive,
     operation_id="v2_health_live",
-    responses={200: {"description": "Live. The body is empty: the status is the answer."}},
     summary="The server is live",
 )
-async def live() -> Response:
-    return Response(status_code=200)
+async def live() -> ServerLive:
+    return ServerLive(live=True)
 
 
 @router.get(
     "/health/ready",
-    response_class=Response,
+    response_model=ServerReady,
     operation_id="v2_health_ready",
-    responses={
-        200: {"description": "Ready. The body is empty: the status is the answer."},
-        503: {"model": ErrorBody, "description": "Not ready: why, in `error`."},
-    },
+    responses={503: {"model": ErrorBody, "description": "Not ready: why, in `error`."}},
     summary="The server is ready for inference",
 )
-async def ready(request: Request, registry: RegistryDep) -> Response:
+async def ready(request: Request, registry: RegistryDep) -> Response | ServerReady:
     state = readiness(registry, request.app.state.settings.ready_requires)
     if not state.ready:
         return _error(503, state.detail)
-    return Response(status_code=200)
+    return ServerReady(ready=True)
 
 
 def _ready(registry: RegistryDep, name: str, version: str | None) -> ModelReady:
