@@ -128,11 +128,13 @@ def resolve(
     return umbridge
 
 
-def _check_wrt(value: int, count: int, field: str) -> None:
-    if value != 0:
-        raise InvalidInput(
-            f"{field}: the model has {count} vector (index 0), got {value}", field=field
-        )
+def _check_wrt(**indices: int) -> None:
+    """``outWrt``, ``inWrt``, ...: the model has one input and one output vector, index 0."""
+    for field, value in indices.items():
+        if value != 0:
+            raise InvalidInput(
+                f"{field}: the model has 1 vector here (index 0), got {value}", field=field
+            )
 
 
 def _vector(values: Vector, size: int, field: str) -> torch.Tensor:
@@ -192,8 +194,7 @@ async def gradient(
     service: DerivativeService, umbridge: UmbridgeModel, body: GradientRequest
 ) -> list[float]:
     """``sens^T J``: the vector-Jacobian product, ``n`` numbers."""
-    _check_wrt(body.out_wrt, 1, "outWrt")
-    _check_wrt(body.in_wrt, 1, "inWrt")
+    _check_wrt(outWrt=body.out_wrt, inWrt=body.in_wrt)
     x = _input(umbridge, body.input)
     sens = _vector(body.sens, umbridge.output_sizes[0], "sens").reshape(1, *umbridge.selected_shape)
     return await _product(service, DerivativeKind.VJP, _product_request(umbridge, x, sens))
@@ -203,8 +204,7 @@ async def apply_jacobian(
     service: DerivativeService, umbridge: UmbridgeModel, body: ApplyJacobianRequest
 ) -> list[float]:
     """``J vec``: the Jacobian-vector product, one number per output."""
-    _check_wrt(body.out_wrt, 1, "outWrt")
-    _check_wrt(body.in_wrt, 1, "inWrt")
+    _check_wrt(outWrt=body.out_wrt, inWrt=body.in_wrt)
     x = _input(umbridge, body.input)
     vec = _vector(body.vec, umbridge.n, "vec").reshape(x.shape)
     return await _product(service, DerivativeKind.JVP, _product_request(umbridge, x, vec))
@@ -224,9 +224,7 @@ async def apply_hessian(
     service: DerivativeService, umbridge: UmbridgeModel, body: ApplyHessianRequest
 ) -> list[float]:
     """``∇²(sens^T F) vec``: one Hessian-vector product, ``n`` numbers."""
-    _check_wrt(body.out_wrt, 1, "outWrt")
-    _check_wrt(body.in_wrt1, 1, "inWrt1")
-    _check_wrt(body.in_wrt2, 1, "inWrt2")
+    _check_wrt(outWrt=body.out_wrt, inWrt1=body.in_wrt1, inWrt2=body.in_wrt2)
     x = _input(umbridge, body.input)
     sens = _vector(body.sens, umbridge.output_sizes[0], "sens")
     vec = _vector(body.vec, umbridge.n, "vec").reshape(x.shape)
@@ -259,7 +257,9 @@ def _forward(umbridge: UmbridgeModel, x: torch.Tensor) -> list[float]:
     return values
 
 
-async def evaluate(umbridge: UmbridgeModel, body: EvaluateRequest) -> list[list[float]]:
-    """``[F(input)]``: one output vector."""
+async def evaluate(
+    _service: DerivativeService, umbridge: UmbridgeModel, body: EvaluateRequest
+) -> list[list[float]]:
+    """``[F(input)]``: one output vector (no derivative: the service is not needed)."""
     x = _input(umbridge, body.input)
     return [await anyio.to_thread.run_sync(_forward, umbridge, x)]

@@ -18,7 +18,7 @@ protocol's ``{"error": {"type", "message"}}``, which its clients raise: ``ModelN
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import anyio
@@ -30,6 +30,7 @@ from hessian_service.api.deps import RegistryDep, ServiceDep
 from hessian_service.api.responses import Responses, inline_schema
 from hessian_service.errors import InvalidInput, NotFound, ServiceError, status_of
 from hessian_service.serving import umbridge
+from hessian_service.serving.service import DerivativeService
 from hessian_service.wire import codec
 from hessian_service.wire.fields import field_name
 from hessian_service.wire.json_body import INLINE_BODY_BYTES, parse_json, read_body
@@ -52,6 +53,8 @@ from hessian_service.wire.umbridge_schemas import (
 
 logger = logging.getLogger(__name__)
 Body = TypeVar("Body", bound=BaseModel)
+# A call's computation: the service, the model under its config, the body -> the output.
+Call = Callable[[DerivativeService, umbridge.UmbridgeModel, Any], Awaitable[Any]]
 
 
 def _error(status: int, kind: str, message: str) -> Response:
@@ -193,61 +196,57 @@ async def output_sizes(request: Request, registry: RegistryDep) -> OutputSizesRe
     return OutputSizesResponse(outputSizes=model.output_sizes)
 
 
-@router.post(
-    "/Evaluate",
-    operation_id="umbridge_evaluate",
-    response_model=EvaluateResponse,
-    responses=_COMPUTE_ERRORS,
-    openapi_extra=_body(EvaluateRequest),
-    summary="UM-Bridge: F(input), the forward pass",
+# The four calls: (path, body, response, the computation, summary).
+_CALLS: tuple[tuple[str, type[ModelCall], type[BaseModel], Call, str], ...] = (
+    (
+        "/Evaluate",
+        EvaluateRequest,
+        EvaluateResponse,
+        umbridge.evaluate,
+        "F(input), the forward pass",
+    ),
+    (
+        "/Gradient",
+        GradientRequest,
+        VectorResponse,
+        umbridge.gradient,
+        "sens^T J (a vector-Jacobian product, as /vjp)",
+    ),
+    (
+        "/ApplyJacobian",
+        ApplyJacobianRequest,
+        VectorResponse,
+        umbridge.apply_jacobian,
+        "J vec (a Jacobian-vector product, as /jvp)",
+    ),
+    (
+        "/ApplyHessian",
+        ApplyHessianRequest,
+        VectorResponse,
+        umbridge.apply_hessian,
+        "the Hessian of sens^T F times vec (one product, as /hvp)",
+    ),
 )
-async def evaluate(request: Request, registry: RegistryDep) -> EvaluateResponse:
-    body = await _read(request, EvaluateRequest)
-    model = _resolve(request, registry, body)
-    return EvaluateResponse(output=await umbridge.evaluate(model, body))
 
 
-@router.post(
-    "/Gradient",
-    operation_id="umbridge_gradient",
-    response_model=VectorResponse,
-    responses=_COMPUTE_ERRORS,
-    openapi_extra=_body(GradientRequest),
-    summary="UM-Bridge: sens^T J (a vector-Jacobian product, as /vjp)",
-)
-async def gradient(request: Request, registry: RegistryDep, service: ServiceDep) -> VectorResponse:
-    body = await _read(request, GradientRequest)
-    model = _resolve(request, registry, body)
-    return VectorResponse(output=await umbridge.gradient(service, model, body))
+def _call_route(
+    body_model: type[ModelCall], response_model: type[BaseModel], compute: Call
+) -> Callable[..., Coroutine[Any, Any, BaseModel]]:
+    async def endpoint(request: Request, registry: RegistryDep, service: ServiceDep) -> BaseModel:
+        body = await _read(request, body_model)
+        model = _resolve(request, registry, body)
+        return response_model(output=await compute(service, model, body))
+
+    return endpoint
 
 
-@router.post(
-    "/ApplyJacobian",
-    operation_id="umbridge_apply_jacobian",
-    response_model=VectorResponse,
-    responses=_COMPUTE_ERRORS,
-    openapi_extra=_body(ApplyJacobianRequest),
-    summary="UM-Bridge: J vec (a Jacobian-vector product, as /jvp)",
-)
-async def apply_jacobian(
-    request: Request, registry: RegistryDep, service: ServiceDep
-) -> VectorResponse:
-    body = await _read(request, ApplyJacobianRequest)
-    model = _resolve(request, registry, body)
-    return VectorResponse(output=await umbridge.apply_jacobian(service, model, body))
-
-
-@router.post(
-    "/ApplyHessian",
-    operation_id="umbridge_apply_hessian",
-    response_model=VectorResponse,
-    responses=_COMPUTE_ERRORS,
-    openapi_extra=_body(ApplyHessianRequest),
-    summary="UM-Bridge: the Hessian of sens^T F times vec (one product, as /hvp)",
-)
-async def apply_hessian(
-    request: Request, registry: RegistryDep, service: ServiceDep
-) -> VectorResponse:
-    body = await _read(request, ApplyHessianRequest)
-    model = _resolve(request, registry, body)
-    return VectorResponse(output=await umbridge.apply_hessian(service, model, body))
+for _path, _body_model, _response, _compute, _summary in _CALLS:
+    router.post(
+        _path,
+        operation_id=f"umbridge_{_compute.__name__}",
+        name=f"umbridge_{_compute.__name__}",
+        response_model=_response,
+        responses=_COMPUTE_ERRORS,
+        openapi_extra=_body(_body_model),
+        summary=f"UM-Bridge: {_summary}",
+    )(_call_route(_body_model, _response, _compute))
