@@ -293,9 +293,12 @@ class OperatorOperation(Operation):
 
 
 class _ProductOperation(OperatorOperation):
-    """``H v``, ``J v`` or ``u^T J`` for m vectors per sample: exact, m products each."""
+    """``H v``, ``J v`` or ``u^T J`` for m vectors per sample: exact, m products each.
+    Products merge: concurrent requests with the same m run as one batch, each sample
+    with its own vectors (``serving.merging``)."""
 
     request_schema = ProductRequest
+    merges = True
     # The response's name of the products.
     value_name: ClassVar[str]
     # The ``engine.operators`` function (a staticmethod: called without ``self``).

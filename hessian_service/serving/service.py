@@ -42,6 +42,7 @@ from hessian_service.serving.batching import (
     DeadlineExceeded,
     QueueFull,
 )
+from hessian_service.serving.merging import Computed
 from hessian_service.serving.operations import (
     OperatorOperation,
     OperatorOutcome,
@@ -63,9 +64,6 @@ from hessian_service.wire.binary import Encoded
 from hessian_service.wire.json_body import INLINE_BODY_BYTES
 from hessian_service.wire.operator_schemas import OperatorRequest
 from hessian_service.wire.schemas import DerivativeRequest
-
-# What one request computes: a dense derivative, or an operator's values.
-Computed = DerivativeResult | OperatorOutcome
 
 # Requests whose input and result have at most this many elements are decoded and encoded
 # on the event loop: for them a hop to a worker thread costs more than the work (about
@@ -223,11 +221,8 @@ class DerivativeService:
         """Compute requests that share a batch key as one, and give each its own slice."""
         if len(batch) == 1:
             return [self.compute(batch[0])]
-        # Only dense requests share a key (an operator's is its own: merging.batch_key).
-        result, compute_ms = self.compute(
-            merging.merge([p for p in batch if isinstance(p, PreparedRequest)])
-        )
-        assert isinstance(result, DerivativeResult)
+        # Dense requests and products share keys (an estimate's is its own).
+        result, compute_ms = self.compute(merging.merge(batch))
         sizes = [int(prepared.x.shape[0]) for prepared in batch]
         return [(part, compute_ms) for part in merging.split(result, sizes)]
 

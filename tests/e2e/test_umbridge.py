@@ -11,6 +11,7 @@ float32, from the models' weights loaded independently of the server: ``torch.fu
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 
 import httpx
@@ -236,3 +237,45 @@ def test_bad_requests_get_the_protocols_error(server_url: str, client: httpx.Cli
     with pytest.raises(Exception, match="InvalidInput"):
         umbridge.HTTPModel(server_url, "digits_cnn")([x[:10]])
     assert math.isfinite(umbridge.HTTPModel(server_url, "digits_cnn")([x])[0][0])
+
+
+def test_concurrent_calls_run_batched_each_with_its_own_answer() -> None:
+    """16 UM-Bridge clients at once (an ensemble of MCMC chains): their ApplyHessian and
+    Gradient calls merge into shared batches (the server's metrics count them) and each
+    gets its own answer, as computed alone by torch.func here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.e2e.conftest import running_server
+    from tests.e2e.test_concurrency import metric, scrape
+
+    model = local("digits_cnn")
+    calls = [vectors(100 + i, 784, 10) for i in range(16)]
+    with running_server(HESSIAN_MAX_BATCH_DELAY_MS="20") as url:
+        remote = umbridge.HTTPModel(url, "digits_cnn")
+        before = scrape(url)
+        barrier = threading.Barrier(16)
+
+        def call(args: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[list[float], ...]:
+            x, sens, vec = args
+            barrier.wait(timeout=30)
+            hvp = remote.apply_hessian(0, 0, 0, [x.tolist()], sens.tolist(), vec.tolist())
+            grad = remote.gradient(0, 0, [x.tolist()], sens.tolist())
+            return hvp, grad
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(call, calls))
+        after = scrape(url)
+    for (x, sens, vec), (hvp, grad) in zip(calls, answers, strict=True):
+        close(hvp, hvp_reference(model, x, sens, vec))
+        _, pullback = torch.func.vjp(flat_fn(model), x)
+        close(grad, pullback(sens)[0])
+    for kind in ("hvp", "vjp"):
+        batches = metric(after, "hessian_batch_requests_count", kind=kind) - metric(
+            before, "hessian_batch_requests_count", kind=kind
+        )
+        requests = metric(after, "hessian_batch_requests_sum", kind=kind) - metric(
+            before, "hessian_batch_requests_sum", kind=kind
+        )
+        assert requests == 16, kind
+        assert batches < requests, f"no two {kind} calls were merged"
+        print(f"16 concurrent UM-Bridge {kind} calls ran in {batches:.0f} batches")

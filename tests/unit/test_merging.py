@@ -21,7 +21,9 @@ import torch
 from hessian_service.config import BUNDLED_MODELS_DIR, Settings
 from hessian_service.repository.registry import Registry
 from hessian_service.serving import merging
+from hessian_service.serving.operations import OperatorOutcome
 from hessian_service.serving.service import DerivativeService, PreparedRequest
+from hessian_service.wire.operator_schemas import EstimateRequest, ProductRequest
 from hessian_service.wire.schemas import DerivativeRequest
 
 
@@ -135,3 +137,50 @@ def test_merge_refuses_different_keys(service: DerivativeService) -> None:
     b = service.prepare("hessian", _request("mlp_tanh", [1, 28, 28], 0, output_index=2))
     with pytest.raises(ValueError, match="different keys"):
         merging.merge([a, b])
+
+
+def _product(model: str, shape: list[int], m: int, seed: int, **fields: Any) -> ProductRequest:
+    """An /hvp-style body whose m vectors are shared by every sample."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    v = rng.standard_normal([m, *shape[-3:]]).astype(np.float32)
+
+    def tensor(array: np.ndarray) -> dict[str, Any]:
+        data = base64.b64encode(array.tobytes()).decode()
+        return {"shape": list(array.shape), "datatype": "FP32", "data": data}
+
+    body = {"model": model, "inputs": [tensor(x)], "vectors": tensor(v), **fields}
+    return ProductRequest.model_validate(body)
+
+
+def test_products_merge_with_their_own_vectors_and_weights(service: DerivativeService) -> None:
+    """Concurrent products of the same m merge (each sample keeps its own vectors and
+    weighted_sum weights); another m, an estimate, or another kind do not."""
+    one, two = [1, 1, 28, 28], [2, 1, 28, 28]
+    weights = {"type": "weighted_sum", "weights": [float(i) for i in range(10)]}
+    cases = [
+        ("hvp", _product("mlp_tanh", one, 2, 1, output_index=3)),
+        ("hvp", _product("mlp_tanh", two, 2, 2, output_index=3)),
+        ("hvp", _product("mlp_tanh", one, 3, 3, output_index=3)),  # another m: own key
+        ("hvp", _product("mlp_tanh", one, 1, 4, objective=weights)),
+        ("hvp", _product("mlp_tanh", two, 1, 5, objective=weights)),
+    ]
+    prepared = [service.prepare(kind, request) for kind, request in cases[:5]]
+    keys = [merging.batch_key(p) for p in prepared]
+    assert keys[0] == keys[1] and keys[3] == keys[4]
+    assert len({keys[0], keys[2], keys[3]}) == 3
+    trace_body = EstimateRequest.model_validate(cases[0][1].model_dump(exclude={"vectors"}))
+    traces = [service.prepare("hessian/trace", trace_body) for _ in range(2)]
+    assert merging.batch_key(traces[0]) != merging.batch_key(traces[1])  # never merge
+    for group in ([prepared[0], prepared[1]], [prepared[3], prepared[4]]):
+        results = service.compute_batch(merging.batch_key(group[0]), group)
+        for each, (result, _ms) in zip(group, results, strict=True):
+            alone, _ = service.compute(each)
+            assert isinstance(result, OperatorOutcome) and isinstance(alone, OperatorOutcome)
+            assert result.products == alone.products
+            (got,), (want,) = result.values.values(), alone.values.values()
+            assert got.shape == want.shape
+            scale = float(want.abs().max())
+            assert scale > 1e-4  # curved: zeros would not pass
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+            torch.testing.assert_close(result.output, alone.output, rtol=1e-5, atol=1e-6)
