@@ -252,8 +252,9 @@ class OperatorOutcome:
 
 class OperatorOperation(Operation):
     """A matrix-free operator of ``engine.operators``: one scalar's Hessian (or the
-    Jacobian) applied to vectors, never formed. Each request is its own batch, and the
-    engine function counts its products in ``selection.progress`` chunk by chunk."""
+    Jacobian) applied to vectors, never formed. Each request is its own batch (but the
+    products', which merge), and the engine function counts its products in
+    ``selection.progress`` chunk by chunk."""
 
     axes_per_scalar = 1
     all_outputs_by_default = False

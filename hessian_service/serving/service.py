@@ -128,7 +128,8 @@ class DerivativeService:
         )
         self.metrics = metrics
         # Dense requests and operators share one queue and one worker (the 503 and 504
-        # limits hold for both); an operator is always a batch of its own.
+        # limits hold for both); products merge as dense requests do, estimates and
+        # eigen-solves are always a batch of their own.
         self.batcher: Batcher[Prepared, tuple[Computed, float]] = Batcher(
             self.compute_batch,
             max_batch_size=settings.max_batch_size,
