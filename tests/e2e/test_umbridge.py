@@ -49,14 +49,17 @@ def flat_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return f
 
 
-def close(got: list[float], want: torch.Tensor, tol: float = FLOAT32) -> float:
-    """The error measure of the module docstring, asserted; returned for the record."""
+def close(got: list[float], want: torch.Tensor, tol: float = FLOAT32, label: str = "") -> float:
+    """The error measure of the module docstring, asserted; printed (``pytest -s``) when
+    ``label`` names the comparison, for the record."""
     got_tensor = torch.tensor(got, dtype=torch.float64)
     want64 = want.double().reshape(-1)
     assert got_tensor.shape == want64.shape
     scale = max(1.0, float(want64.abs().max()))
     error = float((got_tensor - want64).abs().max()) / scale
     assert error <= tol, f"error {error:.3g} > {tol:g}"
+    if label:
+        print(f"{label}: max error {error:.2e} (tolerance {tol:g})")
     return error
 
 
@@ -91,7 +94,7 @@ def test_evaluate_is_the_forward_pass(remote: umbridge.HTTPModel) -> None:
     f = flat_fn(local(remote.name))
     x, _, _ = vectors(1, 784, 10)
     (output,) = remote([x.tolist()])
-    close(output, f(x))
+    close(output, f(x), label=f"{remote.name} Evaluate vs the forward pass")
     (logit,) = remote([x.tolist()], {"output_index": 4})
     close(logit, f(x)[4:5])
     (loss,) = remote([x.tolist()], {"objective": {"type": "cross_entropy", "target": 3}})
@@ -103,9 +106,9 @@ def test_gradient_is_the_vjp(remote: umbridge.HTTPModel) -> None:
     x, sens, _ = vectors(2, 784, 10)
     got = remote.gradient(0, 0, [x.tolist()], sens.tolist())
     _, pullback = torch.func.vjp(flat_fn(model), x)
-    close(got, pullback(sens)[0])
+    close(got, pullback(sens)[0], label=f"{remote.name} Gradient vs torch.func.vjp")
     engine = ops.vector_jacobian_products(model, x.reshape(1, 1, 28, 28), sens.reshape(1, 1, 10))
-    close(got, engine.values)
+    close(got, engine.values, label=f"{remote.name} Gradient vs the engine's VJP")
 
 
 def test_apply_jacobian_is_the_jvp(remote: umbridge.HTTPModel) -> None:
@@ -113,11 +116,11 @@ def test_apply_jacobian_is_the_jvp(remote: umbridge.HTTPModel) -> None:
     x, _, vec = vectors(3, 784, 10)
     got = remote.apply_jacobian(0, 0, [x.tolist()], vec.tolist())
     _, tangent = torch.func.jvp(flat_fn(model), (x,), (vec,))
-    close(got, tangent)
+    close(got, tangent, label=f"{remote.name} ApplyJacobian vs torch.func.jvp")
     engine = ops.jacobian_vector_products(
         model, x.reshape(1, 1, 28, 28), vec.reshape(1, 1, 1, 28, 28)
     )
-    close(got, engine.values)
+    close(got, engine.values, label=f"{remote.name} ApplyJacobian vs the engine's JVP")
 
 
 def hvp_reference(
@@ -139,14 +142,14 @@ def test_apply_hessian_is_the_hvp_of_sens_weighted_outputs(remote: umbridge.HTTP
     got = remote.apply_hessian(0, 0, 0, [x.tolist()], sens.tolist(), vec.tolist())
     want = hvp_reference(model, x, sens, vec)
     assert want.abs().max() > 1e-3  # curved: a zero answer cannot pass
-    close(got, want)
+    close(got, want, label=f"{remote.name} ApplyHessian vs torch.func jvp(grad)")
     engine = ops.hessian_vector_products(
         model,
         x.reshape(1, 1, 28, 28),
         vec.reshape(1, 1, 1, 28, 28),
         objective=Objective("weighted_sum", target=sens),
     )
-    close(got, engine.values)
+    close(got, engine.values, label=f"{remote.name} ApplyHessian vs the engine's HVP")
 
 
 def test_apply_hessian_under_a_selection_config(remote: umbridge.HTTPModel) -> None:
@@ -183,7 +186,7 @@ def test_float64_config_computes_in_double(server_url: str) -> None:
     x, sens, vec = (t.double() for t in vectors(6, 784, 10))
     config = {"precision": "float64"}
     got = remote.apply_hessian(0, 0, 0, [x.tolist()], sens.tolist(), vec.tolist(), config)
-    close(got, hvp_reference(model, x, sens, vec), tol=1e-10)
+    close(got, hvp_reference(model, x, sens, vec), tol=1e-10, label="mlp_tanh float64 ApplyHessian")
 
 
 def _post(client: httpx.Client, path: str, body: dict[str, object]) -> tuple[int, dict[str, str]]:
