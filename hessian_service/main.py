@@ -57,7 +57,7 @@ from hessian_service.repository.registry import Registry, resolve_device
 from hessian_service.repository.uploads import UploadStore
 from hessian_service.serving.jobs import JobLimits, JobState, JobStore
 from hessian_service.serving.service import DerivativeService
-from hessian_service.wire import codec
+from hessian_service.wire import codec, umbridge_schemas
 from hessian_service.wire.fields import field_name
 
 logger = logging.getLogger("hessian_service")
@@ -156,6 +156,9 @@ def install_error_handlers(app: FastAPI) -> None:
         detail, field = _http_error_text(request, exc)
         if is_oip_path(request.url.path):
             return JSONResponse({"error": detail}, status_code=exc.status_code, headers=headers)
+        if request.url.path in umbridge_schemas.PATHS:  # what UM-Bridge's clients read
+            body = umbridge_schemas.error_body("InvalidInput", detail)
+            return JSONResponse(body, status_code=exc.status_code, headers=headers)
         title = {400: "Bad request", 404: "Not found", 405: "Method not allowed"}.get(
             exc.status_code, "HTTP error"
         )
@@ -167,6 +170,8 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = "the device ran out of memory; retry with a smaller batch"
         if is_oip_path(request.url.path):
             return JSONResponse({"error": detail}, status_code=503)
+        if request.url.path in umbridge_schemas.PATHS:
+            return JSONResponse(umbridge_schemas.error_body("Overloaded", detail), 503)
         return _problem_response(503, problem(503, "Overloaded", detail))
 
 

@@ -31,7 +31,7 @@ from hessian_service.wire.json_body import INLINE_BODY_BYTES, parse_json, read_b
 _PARSERS: RunVar[anyio.CapacityLimiter] = RunVar("json_body_parsers")
 
 
-def _parsers() -> anyio.CapacityLimiter:
+def parsers() -> anyio.CapacityLimiter:
     """This event loop's limiter of JSON parses (anyio keeps its own thread limiter so)."""
     try:
         return _PARSERS.get()
@@ -62,7 +62,7 @@ class _ReadRequest(Request):
     async def json(self) -> Any:
         if len(self._read) <= INLINE_BODY_BYTES:
             return self._parse()
-        return await anyio.to_thread.run_sync(self._parse, limiter=_parsers())
+        return await anyio.to_thread.run_sync(self._parse, limiter=parsers())
 
 
 def counted_json_route(

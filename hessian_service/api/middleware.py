@@ -7,7 +7,7 @@ from collections import deque
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hessian_service.errors import PROBLEM_CONTENT_TYPE, problem
-from hessian_service.wire import codec
+from hessian_service.wire import codec, umbridge_schemas
 
 
 class BodySizeLimit:
@@ -27,8 +27,12 @@ class BodySizeLimit:
         detail = f"request body is over this server's limit of {limit} bytes"
         # Open Inference Protocol clients (tritonclient) read {"error": ...}, as every
         # other /v2 error; elsewhere the problem names the body as the field at fault.
-        if str(scope.get("path", "")).startswith("/v2/"):
+        path = str(scope.get("path", ""))
+        if path.startswith("/v2/"):
             body, content_type = codec.dumps({"error": detail}), "application/json"
+        elif path in umbridge_schemas.PATHS:  # UM-Bridge's clients read its own shape
+            body = codec.dumps(umbridge_schemas.error_body("TooLarge", detail))
+            content_type = "application/json"
         else:
             problem_body = problem(413, "Too large", detail, field="body", limit_bytes=limit)
             body, content_type = codec.dumps(problem_body), PROBLEM_CONTENT_TYPE

@@ -12,6 +12,8 @@ framing header's value.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,9 +53,8 @@ def versions_of(registry: Registry, model: LoadedModel) -> list[str]:
 
 
 def model_metadata(model: LoadedModel, versions: list[str] | None = None) -> ModelMetadata:
-    """Name, versions, platform and tensors, the batch dimension as -1: the input ``x``
-    (and ``vectors``, which only ``hvp`` reads), the forward ``output`` and the derivative
-    outputs (``oip_derivatives.metadata_outputs``)."""
+    """Name, versions, platform and tensors, the batch dimension as -1: the input ``x``,
+    the forward ``output`` and the derivative outputs (``oip_derivatives.metadata_outputs``)."""
     manifest = model.manifest
     input_shape, output_shape = list(manifest.input_shape), list(manifest.output_shape)
     derived = oip_derivatives.metadata_outputs(input_shape, output_shape)
@@ -61,10 +62,9 @@ def model_metadata(model: LoadedModel, versions: list[str] | None = None) -> Mod
         name=manifest.name,
         versions=versions or [manifest.version],
         platform=PLATFORM,
-        inputs=[
-            TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, *input_shape]),
-            TensorMetadata(name=VECTORS_NAME, datatype="FP32", shape=[-1, *input_shape]),
-        ],
+        # ``vectors`` (read by hvp alone) is not listed: tools that send every listed
+        # input (perf_analyzer) would send it with every request.
+        inputs=[TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, *input_shape])],
         outputs=[
             TensorMetadata(name=OUTPUT_NAME, datatype="FP32", shape=[-1, *output_shape]),
             *(TensorMetadata.model_validate(tensor) for tensor in derived),
@@ -216,10 +216,14 @@ def _check_names(request: InferRequest, model: LoadedModel) -> None:
 
 
 def prepare(
-    model: LoadedModel, body: bytes, header_length: str | None, max_samples: int
+    service: DerivativeService,
+    model: LoadedModel,
+    body: bytes,
+    header_length: str | None,
+    max_samples: int,
 ) -> PreparedInfer:
-    """Split, parse and check a request body; decode its inputs; validate each derivative
-    output's parameters. Raises before any work."""
+    """Split, parse and check a request body; decode its inputs; validate and prepare
+    every derivative output it asks for, their sizes together too. Raises before any work."""
     header, tail = binary.split_body(body, header_length)
     raw, request = _parse(header)
     _check_names(request, model)
@@ -230,30 +234,32 @@ def prepare(
     vectors = None if vectors_tensor is None else _decode(vectors_tensor, slices[1], 1)
     requested = _requested(request)
     shared = oip_derivatives.fields_of(request.parameters or {}, "parameters")
-    derived = []
-    for i, (name, binary_output, parameters) in enumerate(requested):
-        if name == OUTPUT_NAME:
-            continue
-        where = f"outputs[{i}].parameters"
-        fields = {**shared, **oip_derivatives.fields_of(parameters, where)}
-        derived.append(
-            oip_derivatives.derived_output(
-                name, binary_output, fields, "parameters", model, source, vectors
-            )
-        )
-    if shared and not derived:
-        key = next(iter(shared))
+    names = [name for name, _, _ in requested if name != OUTPUT_NAME]
+    key = oip_derivatives.unread(names, shared)
+    if key is not None:
+        wanted = ", ".join(names) if names else "none"
         raise InvalidInput(
-            f"parameters.{key}: applies to the derivative outputs ({', '.join(DERIVED)}); "
-            "name one of them in outputs",
+            f"parameters.{key}: no derivative output asked for takes it (asked for: "
+            f"{wanted}; the derivative outputs are {', '.join(DERIVED)})",
             field=f"parameters.{key}",
         )
-    if vectors is not None and not any(d.name == "hvp" for d in derived):
+    if vectors is not None and "hvp" not in names:
         raise InvalidInput(
             f"inputs[1]: {VECTORS_NAME!r} is read by the hvp output only; ask for hvp in "
             "outputs, or leave it out",
             field="inputs[1]",
         )
+    derived = []
+    for i, (name, binary_output, parameters) in enumerate(requested):
+        if name == OUTPUT_NAME:
+            continue
+        own = oip_derivatives.fields_of(parameters, f"outputs[{i}].parameters")
+        derived.append(
+            oip_derivatives.derived_output(
+                service, i, name, binary_output, shared, own, model, source, vectors
+            )
+        )
+    oip_derivatives.check_total(derived, service.settings.max_result_bytes)
     return PreparedInfer(
         model=model,
         x=source.to(device=model.device, dtype=torch.float32),
@@ -293,14 +299,21 @@ async def infer(
     body: bytes,
     header_length: str | None,
     max_samples: int,
+    disconnected: Callable[[], Awaitable[bool]] | None = None,
 ) -> binary.Encoded:
     """Check, run and encode one inference request; the work runs off the event loop
-    (the derivative outputs through the service's queue, one after another)."""
+    (the derivative outputs through the service's queue, one after another, within one
+    deadline; dropped if ``disconnected`` says the client went away)."""
+    started = time.perf_counter()
     model = lookup(registry, name, version)
-    prepared = await anyio.to_thread.run_sync(prepare, model, body, header_length, max_samples)
+    prepared = await anyio.to_thread.run_sync(
+        prepare, service, model, body, header_length, max_samples
+    )
     tensors: dict[str, torch.Tensor] = {}
     if prepared.wants_output:
         tensors[OUTPUT_NAME] = await anyio.to_thread.run_sync(forward, prepared)
     for derived in prepared.derived:
-        tensors[derived.name] = await oip_derivatives.compute(service, derived)
+        tensors[derived.name] = await oip_derivatives.compute(
+            service, derived, started=started, disconnected=disconnected
+        )
     return await anyio.to_thread.run_sync(encode, prepared, tensors)

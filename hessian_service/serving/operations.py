@@ -200,8 +200,10 @@ class HessianOperation(Operation):
 class Operands:
     """What a matrix-free operator request adds to the selection, decoded and checked.
 
-    Compared and hashed by identity, so that no two requests share a batch key: their
-    vectors and budgets are their own (``serving.merging``).
+    Compared and hashed by identity, never by value: an estimate's or eigen-solve's
+    budgets and seed are its own (its batch key is the request's identity); products,
+    which merge, are keyed by their vectors' shape and dtype, and the vectors of a merged
+    batch are concatenated sample by sample (``serving.merging``).
     """
 
     vectors: torch.Tensor | None = None  # [B, m, *in] (hvp, jvp) or [B, m, *out] (vjp)

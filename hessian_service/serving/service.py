@@ -338,11 +338,28 @@ class DerivativeService:
             prepared = self.prepare(kind, request)
         else:
             prepared = await anyio.to_thread.run_sync(self.prepare, kind, request)
+        result, compute_ms = await self.computed_prepared(
+            prepared, started=started, disconnected=disconnected
+        )
+        return prepared, result, compute_ms
+
+    async def computed_prepared(
+        self,
+        prepared: Prepared,
+        *,
+        started: float | None = None,
+        disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> tuple[Computed, float]:
+        """A request already prepared (``prepare``), through the queue: (its result,
+        compute ms). The deadline counts from ``started`` (``time.perf_counter()``; now
+        when None), so that a caller that prepared several requests first -- ``/v2``
+        infer checks every derivative output before computing any -- spends one deadline."""
         timing = current_timing()
         if timing is not None:
             timing.model = prepared.model.manifest.name
-        left = self.settings.request_timeout_s - (time.perf_counter() - started)
+        began = time.perf_counter() if started is None else started
+        left = self.settings.request_timeout_s - (time.perf_counter() - began)
         result, queue_ms, compute_ms = await self._compute_queued(prepared, left, disconnected)
         if timing is not None:
             timing.queue_ms, timing.compute_ms = queue_ms, compute_ms
-        return prepared, result, compute_ms
+        return result, compute_ms

@@ -21,8 +21,9 @@ protocol's field), and the routes write them in the protocol's shape.
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import torch
@@ -33,7 +34,7 @@ from hessian_service.errors import InvalidInput
 from hessian_service.repository.registry import LoadedModel, Registry
 from hessian_service.serving.operations import OperatorOutcome
 from hessian_service.serving.request import PRECISIONS, objective_of
-from hessian_service.serving.service import DerivativeService
+from hessian_service.serving.service import INLINE_ELEMENTS, DerivativeService
 from hessian_service.wire import codec
 from hessian_service.wire.fields import field_name
 from hessian_service.wire.operator_schemas import ProductRequest
@@ -46,6 +47,10 @@ from hessian_service.wire.umbridge_schemas import (
     UmbridgeConfig,
     Vector,
 )
+
+Body = TypeVar("Body")
+# Polled while a call waits in the queue: a client that went away has its work dropped.
+Disconnected = Callable[[], Awaitable[bool]] | None
 
 # Every loaded model serves all four: the capability probe found a path for each kind (or
 # the autograd fallback) before the model was loaded at all.
@@ -140,7 +145,10 @@ def _check_wrt(**indices: int) -> None:
 def _vector(values: Vector, size: int, field: str) -> torch.Tensor:
     if len(values) != size:
         raise InvalidInput(f"{field}: expected {size} numbers, got {len(values)}", field=field)
-    tensor = torch.tensor(values, dtype=torch.float64)
+    try:
+        tensor = torch.tensor(values, dtype=torch.float64)
+    except OverflowError:  # an integer past float64's range (JSON integers are unbounded)
+        raise InvalidInput(f"{field}: a number is out of float64's range", field=field) from None
     if not bool(torch.isfinite(tensor).all()):
         raise InvalidInput(f"{field}: contains NaN or Inf", field=field)
     return tensor
@@ -179,35 +187,30 @@ def _product_request(
     return ProductRequest.model_validate(body)
 
 
-async def _product(
-    service: DerivativeService, kind: DerivativeKind, request: ProductRequest
-) -> list[float]:
-    """The one product's values, flat, as JSON floats."""
-    _prepared, result, _ms = await service.computed(kind, request)
-    assert isinstance(result, OperatorOutcome)
-    (values,) = result.values.values()
-    flat: list[float] = values.reshape(-1).double().tolist()
-    return flat
+@dataclass(frozen=True)
+class _Product:
+    """One call as the service's product: the operation, its body, and a factor the
+    values are multiplied by (``sens[0]`` under an objective config)."""
+
+    kind: DerivativeKind
+    request: ProductRequest
+    scale: float = 1.0
 
 
-async def gradient(
-    service: DerivativeService, umbridge: UmbridgeModel, body: GradientRequest
-) -> list[float]:
+def _gradient(umbridge: UmbridgeModel, body: GradientRequest) -> _Product:
     """``sens^T J``: the vector-Jacobian product, ``n`` numbers."""
     _check_wrt(outWrt=body.out_wrt, inWrt=body.in_wrt)
     x = _input(umbridge, body.input)
     sens = _vector(body.sens, umbridge.output_sizes[0], "sens").reshape(1, *umbridge.selected_shape)
-    return await _product(service, DerivativeKind.VJP, _product_request(umbridge, x, sens))
+    return _Product(DerivativeKind.VJP, _product_request(umbridge, x, sens))
 
 
-async def apply_jacobian(
-    service: DerivativeService, umbridge: UmbridgeModel, body: ApplyJacobianRequest
-) -> list[float]:
+def _apply_jacobian(umbridge: UmbridgeModel, body: ApplyJacobianRequest) -> _Product:
     """``J vec``: the Jacobian-vector product, one number per output."""
     _check_wrt(outWrt=body.out_wrt, inWrt=body.in_wrt)
     x = _input(umbridge, body.input)
     vec = _vector(body.vec, umbridge.n, "vec").reshape(x.shape)
-    return await _product(service, DerivativeKind.JVP, _product_request(umbridge, x, vec))
+    return _Product(DerivativeKind.JVP, _product_request(umbridge, x, vec))
 
 
 def _weights(umbridge: UmbridgeModel, sens: torch.Tensor) -> torch.Tensor:
@@ -220,22 +223,86 @@ def _weights(umbridge: UmbridgeModel, sens: torch.Tensor) -> torch.Tensor:
     return torch.zeros(umbridge.outputs, dtype=sens.dtype).index_add_(0, indices, sens)
 
 
-async def apply_hessian(
-    service: DerivativeService, umbridge: UmbridgeModel, body: ApplyHessianRequest
-) -> list[float]:
+def _apply_hessian(umbridge: UmbridgeModel, body: ApplyHessianRequest) -> _Product:
     """``∇²(sens^T F) vec``: one Hessian-vector product, ``n`` numbers."""
     _check_wrt(outWrt=body.out_wrt, inWrt1=body.in_wrt1, inWrt2=body.in_wrt2)
     x = _input(umbridge, body.input)
     sens = _vector(body.sens, umbridge.output_sizes[0], "sens")
     vec = _vector(body.vec, umbridge.n, "vec").reshape(x.shape)
     if umbridge.config.objective is not None:  # F is that one scalar: sens[0] H vec
-        values = await _product(service, DerivativeKind.HVP, _product_request(umbridge, x, vec))
-        scale = float(sens[0])
-        return [scale * value for value in values]
+        return _Product(DerivativeKind.HVP, _product_request(umbridge, x, vec), float(sens[0]))
     weights = _weights(umbridge, sens).reshape(1, *umbridge.model.manifest.output_shape)
     objective = {"type": "weighted_sum", "weights": codec.tensor_object("w", weights, "base64")}
-    request = _product_request(umbridge, x, vec, objective=objective)
-    return await _product(service, DerivativeKind.HVP, request)
+    return _Product(DerivativeKind.HVP, _product_request(umbridge, x, vec, objective=objective))
+
+
+# The fields of the service's bodies that come from the call's config.
+CONFIG_FIELDS = frozenset({"output_index", "objective", "precision"})
+
+
+def _in_config(exc: InvalidInput) -> InvalidInput:
+    """An error about a field the config gave, named as the client wrote it:
+    ``config.objective.target``, not ``objective.target``."""
+    field = exc.field or ""
+    if field.split(".")[0].split("[")[0] not in CONFIG_FIELDS:
+        return exc
+    detail = f"config.{exc.detail}" if exc.detail.startswith(field) else exc.detail
+    return InvalidInput(detail, field=f"config.{field}")
+
+
+async def _run(
+    service: DerivativeService,
+    umbridge: UmbridgeModel,
+    build: Callable[[UmbridgeModel, Body], _Product],
+    body: Body,
+    disconnected: Disconnected,
+) -> list[float]:
+    """Build the call's product (off the event loop for a large input), then compute it
+    through the service's queue: its values, flat, as JSON floats."""
+    if umbridge.n <= INLINE_ELEMENTS:
+        product = build(umbridge, body)
+    else:
+        product = await anyio.to_thread.run_sync(build, umbridge, body)
+    try:
+        _prepared, result, _ms = await service.computed(
+            product.kind, product.request, disconnected=disconnected
+        )
+    except InvalidInput as exc:
+        raise _in_config(exc) from None
+    assert isinstance(result, OperatorOutcome)
+    (values,) = result.values.values()
+    flat: list[float] = (values.reshape(-1).double() * product.scale).tolist()
+    return flat
+
+
+async def gradient(
+    service: DerivativeService,
+    umbridge: UmbridgeModel,
+    body: GradientRequest,
+    disconnected: Disconnected = None,
+) -> list[float]:
+    """``sens^T J``: ``/vjp`` with ``sens`` as the one covector."""
+    return await _run(service, umbridge, _gradient, body, disconnected)
+
+
+async def apply_jacobian(
+    service: DerivativeService,
+    umbridge: UmbridgeModel,
+    body: ApplyJacobianRequest,
+    disconnected: Disconnected = None,
+) -> list[float]:
+    """``J vec``: ``/jvp`` with ``vec``."""
+    return await _run(service, umbridge, _apply_jacobian, body, disconnected)
+
+
+async def apply_hessian(
+    service: DerivativeService,
+    umbridge: UmbridgeModel,
+    body: ApplyHessianRequest,
+    disconnected: Disconnected = None,
+) -> list[float]:
+    """``∇²(sens^T F) vec``: ``/hvp`` of ``weighted_sum`` with ``sens``."""
+    return await _run(service, umbridge, _apply_hessian, body, disconnected)
 
 
 def _forward(umbridge: UmbridgeModel, x: torch.Tensor) -> list[float]:
@@ -258,8 +325,17 @@ def _forward(umbridge: UmbridgeModel, x: torch.Tensor) -> list[float]:
 
 
 async def evaluate(
-    _service: DerivativeService, umbridge: UmbridgeModel, body: EvaluateRequest
+    _service: DerivativeService,
+    umbridge: UmbridgeModel,
+    body: EvaluateRequest,
+    _disconnected: Disconnected = None,
 ) -> list[list[float]]:
-    """``[F(input)]``: one output vector (no derivative: the service is not needed)."""
-    x = _input(umbridge, body.input)
-    return [await anyio.to_thread.run_sync(_forward, umbridge, x)]
+    """``[F(input)]``: one output vector (no derivative, so not through the queue)."""
+
+    def run() -> list[float]:
+        return _forward(umbridge, _input(umbridge, body.input))
+
+    try:
+        return [await anyio.to_thread.run_sync(run)]
+    except InvalidInput as exc:
+        raise _in_config(exc) from None

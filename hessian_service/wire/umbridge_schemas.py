@@ -22,6 +22,20 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from hessian_service.wire.schemas import ObjectiveSpec
 
 PROTOCOL_VERSION = 1.0
+# The protocol's paths, at the server's root: errors on them (a route's, or the server's
+# own -- an unknown method, a body over the size limit) are the protocol's shape.
+PATHS = frozenset(
+    {
+        "/Info",
+        "/InputSizes",
+        "/OutputSizes",
+        "/ModelInfo",
+        "/Evaluate",
+        "/Gradient",
+        "/ApplyJacobian",
+        "/ApplyHessian",
+    }
+)
 
 # A vector of the protocol: JSON numbers (ints are numbers too).
 Vector = list[StrictFloat | StrictInt]
@@ -151,3 +165,8 @@ class ErrorResponse(BaseModel):
     """Every error, in the protocol's shape."""
 
     error: ErrorDetail
+
+
+def error_body(kind: str, message: str) -> dict[str, Any]:
+    """``{"error": {"type": kind, "message": message}}``, what UM-Bridge clients raise."""
+    return {"error": {"type": kind, "message": message}}

@@ -58,10 +58,9 @@ def test_liveness_readiness_and_metadata(triton_client: triton.InferenceServerCl
         "name": "digits_cnn",
         "versions": ["1"],
         "platform": "pytorch",
-        "inputs": [
-            {"name": "x", "datatype": "FP32", "shape": [-1, 1, 28, 28]},
-            {"name": "vectors", "datatype": "FP32", "shape": [-1, 1, 28, 28]},
-        ],
+        # hvp's second input, vectors, is not listed: tools that send every listed input
+        # (perf_analyzer) would send it with every request.
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
         "outputs": [
             {"name": "output", "datatype": "FP32", "shape": [-1, 10]},
             {"name": "jacobian", "datatype": "FP32", "shape": [-1, 10, 784]},
@@ -225,15 +224,54 @@ def test_derivative_requests_that_cannot_be_served_are_400_naming_the_field(
 ) -> None:
     x = np.zeros((1, 1, 28, 28), dtype=np.float32)
     cases: list[tuple[list[str], dict[str, Any] | None, str]] = [
-        (["hessian"], None, "output_index"),  # ten outputs: which one?
+        (["hessian"], None, "outputs[0] (hessian): output_index"),  # ten outputs: which?
         (["gradient"], None, "outputs[0].name"),
         (["output"], {"output_index": 2}, "parameters.output_index"),
-        (["hessian"], {"output_index": 99}, "output_index"),
+        (["hessian"], {"output_index": 99}, "outputs[0] (hessian)"),
         (["hessian"], {"encoding": "png"}, "parameters.encoding"),
         (["hvp"], {"output_index": 1}, "vectors"),
+        (["hessian"], {"output_index": 1, "max_products": 5}, "parameters.max_products"),
+        # checked before any is computed: the jacobian is fine, the hessian is not
+        (["jacobian", "hessian"], None, "outputs[1] (hessian): output_index"),
     ]
     for names, parameters, field in cases:
         with pytest.raises(InferenceServerException) as refused:
             triton_infer(triton_client, x, names, True, parameters)
         assert refused.value.status() == "400", (names, parameters)
         assert field in refused.value.message(), (names, refused.value.message())
+
+
+def test_tritonclients_own_parameters_and_mixed_outputs_are_served(
+    triton_client: triton.InferenceServerClient, client: httpx.Client
+) -> None:
+    """tritonclient's timeout/priority land in parameters: accepted, not read. A
+    request-level field goes to the outputs whose body takes it (exact: the trace)."""
+    x = np.random.default_rng(12).random((1, 1, 28, 28), dtype=np.float32)
+    given = triton.InferInput("x", list(x.shape), "FP32")
+    given.set_data_from_numpy(x)
+    result = triton_client.infer("digits_cnn", [given], timeout=5_000_000, priority=1)
+    np.testing.assert_allclose(result.as_numpy("output"), local_logits(x), rtol=1e-5, atol=1e-5)
+    names = ["hessian", "hessian_trace"]
+    wanted = [triton.InferRequestedOutput(name) for name in names]
+    parameters = {"output_index": 1, "exact": True}
+    result = triton_client.infer(
+        "digits_cnn", [given], outputs=wanted, parameters=parameters, timeout=5_000_000
+    )
+    body = {"model": "digits_cnn", "inputs": [base64_input(x)], "output_index": 1}
+    hessian = service_tensor(client, "/hessian", body, "hessian")
+    assert result.as_numpy("hessian").tobytes() == hessian.tobytes()
+    trace = service_tensor(client, "/hessian/trace", {**body, "exact": True}, "trace")
+    assert result.as_numpy("hessian_trace").tobytes() == trace.tobytes()
+    np.testing.assert_allclose(trace, np.trace(hessian, axis1=1, axis2=2), rtol=1e-4, atol=1e-5)
+
+
+def test_an_outputs_own_parameter_at_fault_is_named_so(client: httpx.Client) -> None:
+    x = {"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}
+    body = {
+        "inputs": [x],
+        "parameters": {"output_index": 1},
+        "outputs": [{"name": "hessian", "parameters": {"layout": "diagonal"}}],
+    }
+    response = client.post("/v2/models/digits_cnn/infer", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("outputs[0].parameters.layout:"), response.text

@@ -226,6 +226,31 @@ def test_bad_requests_get_the_protocols_error(server_url: str, client: httpx.Cli
         ),
         ("/InputSizes", {"config": {}}, "InvalidInput", "name"),
         ("/ModelInfo", {"name": "nope"}, "ModelNotFound", "nope"),
+        ("/Evaluate", {**base, "input": [[10**400] * 784]}, "InvalidInput", "float64's range"),
+        (
+            "/Evaluate",
+            {**base, "config": {"objective": {"type": "log_softmax", "index": 99}}},
+            "InvalidInput",
+            "config.objective.index",
+        ),
+        (
+            "/Gradient",
+            {
+                **base,
+                "outWrt": 0,
+                "inWrt": 0,
+                "sens": [1.0],
+                "config": {"objective": {"type": "mse", "target": [1.0, 2.0]}},
+            },
+            "InvalidInput",
+            "config.objective.target",
+        ),
+        (
+            "/Evaluate",
+            {**base, "config": {"precision": "float16"}},
+            "InvalidInput",
+            "config.precision",
+        ),
     ]
     for path, body, kind, words in cases:
         status, error = _post(client, path, body)
@@ -236,6 +261,9 @@ def test_bad_requests_get_the_protocols_error(server_url: str, client: httpx.Cli
     )
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "InvalidInput"
+    wrong_method = client.get("/Evaluate")  # the server's own errors on these paths too
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["type"] == "InvalidInput"
     # The client raises the protocol's error (it reads the body, not the status).
     with pytest.raises(Exception, match="InvalidInput"):
         umbridge.HTTPModel(server_url, "digits_cnn")([x[:10]])
@@ -282,3 +310,12 @@ def test_concurrent_calls_run_batched_each_with_its_own_answer() -> None:
         assert requests == 16, kind
         assert batches < requests, f"no two {kind} calls were merged"
         print(f"16 concurrent UM-Bridge {kind} calls ran in {batches:.0f} batches")
+
+
+def test_a_body_over_the_limit_is_the_protocols_413(limited_server_url: str) -> None:
+    """The size limit answers before any route: still in the shape the client reads."""
+    body = {"name": "digits_cnn", "input": [[0.123456789] * 784] * 30, "config": {}}
+    with httpx.Client(base_url=limited_server_url, timeout=60, trust_env=False) as http:
+        response = http.post("/Evaluate", json=body)  # about 330 kB: over the 200 kB limit
+    assert response.status_code == 413
+    assert response.json()["error"]["type"] == "TooLarge"

@@ -26,9 +26,19 @@ from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
+from hessian_service.api.body import parsers
 from hessian_service.api.deps import RegistryDep, ServiceDep
 from hessian_service.api.responses import Responses, inline_schema
-from hessian_service.errors import InvalidInput, NotFound, ServiceError, status_of
+from hessian_service.errors import (
+    InsufficientStorage,
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    ServiceError,
+    Timeout,
+    TooLarge,
+    status_of,
+)
 from hessian_service.serving import umbridge
 from hessian_service.serving.service import DerivativeService
 from hessian_service.wire import codec
@@ -49,23 +59,37 @@ from hessian_service.wire.umbridge_schemas import (
     OutputSizesResponse,
     SizesRequest,
     VectorResponse,
+    error_body,
 )
 
 logger = logging.getLogger(__name__)
 Body = TypeVar("Body", bound=BaseModel)
-# A call's computation: the service, the model under its config, the body -> the output.
-Call = Callable[[DerivativeService, umbridge.UmbridgeModel, Any], Awaitable[Any]]
+# A call's computation: the service, the model under its config, the body, and whether
+# the client went away (its queued work is dropped) -> the output.
+Call = Callable[
+    [DerivativeService, umbridge.UmbridgeModel, Any, Callable[[], Awaitable[bool]]],
+    Awaitable[Any],
+]
 
 
-def _error(status: int, kind: str, message: str) -> Response:
-    body = {"error": {"type": kind, "message": message}}
-    return Response(codec.dumps(body), status, media_type="application/json")
+def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    body = codec.dumps(error_body(kind, message))
+    return Response(body, status, media_type="application/json", headers=headers)
+
+
+# The error types a client sees, by the nearest class of the service's error.
+_KINDS: tuple[tuple[type[ServiceError], str], ...] = (
+    (NotFound, "ModelNotFound"),
+    (InvalidInput, "InvalidInput"),
+    (TooLarge, "TooLarge"),
+    (Overloaded, "Overloaded"),
+    (Timeout, "Timeout"),
+    (InsufficientStorage, "InsufficientStorage"),
+)
 
 
 def _kind(exc: ServiceError) -> str:
-    if isinstance(exc, NotFound):
-        return "ModelNotFound"
-    return "InvalidInput" if isinstance(exc, InvalidInput) else type(exc).__name__
+    return next((kind for cls, kind in _KINDS if isinstance(exc, cls)), type(exc).__name__)
 
 
 class UmbridgeRoute(APIRoute):
@@ -79,7 +103,7 @@ class UmbridgeRoute(APIRoute):
                 return await handler(request)
             except ServiceError as exc:
                 status = 400 if isinstance(exc, NotFound | InvalidInput) else status_of(exc)
-                return _error(status, _kind(exc), exc.detail)
+                return _error(status, _kind(exc), exc.detail, exc.headers)
             except Exception as exc:  # a client of the protocol reads only this shape
                 logger.exception("UM-Bridge %s failed", request.url.path)
                 return _error(500, "InternalError", f"{type(exc).__name__}: {exc}")
@@ -102,11 +126,15 @@ async def _read(request: Request, model: type[Body]) -> Body:
         json_number_limit=settings.max_json_number_bytes,
         alternative=_alternative(settings),
     )
+    if len(raw) <= INLINE_BODY_BYTES:
+        return _parse(raw, model)
+    return await anyio.to_thread.run_sync(_parse, raw, model, limiter=parsers())
+
+
+def _parse(raw: bytes, model: type[Body]) -> Body:
+    """Parse and validate (both hold the GIL: one body at a time, off the loop when large)."""
     try:
-        if len(raw) <= INLINE_BODY_BYTES:
-            data = parse_json(raw)
-        else:
-            data = await anyio.to_thread.run_sync(parse_json, raw)
+        data = parse_json(raw)
     except (ValueError, RecursionError) as exc:
         raise InvalidInput(f"body: invalid JSON ({exc})", field="body") from None
     if not isinstance(data, dict):
@@ -235,7 +263,8 @@ def _call_route(
     async def endpoint(request: Request, registry: RegistryDep, service: ServiceDep) -> BaseModel:
         body = await _read(request, body_model)
         model = _resolve(request, registry, body)
-        return response_model(output=await compute(service, model, body))
+        output = await compute(service, model, body, request.is_disconnected)
+        return response_model(output=output)
 
     return endpoint
 

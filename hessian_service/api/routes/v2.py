@@ -217,7 +217,14 @@ async def _infer(
         alternative=_BINARY_ALTERNATIVE,
     )
     encoded = await inference.infer(
-        registry, service, name, version, body, header_length, settings.max_samples_per_request
+        registry,
+        service,
+        name,
+        version,
+        body,
+        header_length,
+        settings.max_samples_per_request,
+        disconnected=request.is_disconnected,
     )
     return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
 
