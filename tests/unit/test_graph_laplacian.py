@@ -10,7 +10,7 @@ import torch
 
 from bench.architectures import by_name
 from hessian_service.engine import graph_second_order
-from hessian_service.engine.api import graph_plan_for
+from hessian_service.engine.api import LAPLACIAN_WORKING_SHARE, graph_plan_for
 from hessian_service.engine.graph import laplacian
 from hessian_service.engine.graph.plan import GraphPlan
 from hessian_service.engine.progress import Cancelled, Progress
@@ -33,7 +33,8 @@ def _column_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 def test_a_small_budget_sums_several_passes_to_the_dense_diagonal() -> None:
     model, x = _model_and_inputs()
-    budget = 3 * 2 * _column_bytes(model, x)  # three columns of one sample, two tangents each
+    # three columns of one sample, two tangents each, in the columns' share of the budget
+    budget = LAPLACIAN_WORKING_SHARE * 3 * 2 * _column_bytes(model, x)
     progress = Progress()
     result = graph_second_order(
         model, x, trace=False, output_index=0, memory_budget_bytes=budget, progress=progress
